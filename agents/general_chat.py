@@ -1,0 +1,22 @@
+"""A plain-text assistant: the registry serves text agents as well as structured ones."""
+
+from dataclasses import dataclass
+
+from pydantic_ai import Agent
+
+
+@dataclass
+class ChatDependencies:
+    user_id: str
+
+
+chat_agent = Agent(
+    deps_type=ChatDependencies,
+    output_type=str,
+    name="general_chat",
+    instructions="You are a friendly, concise assistant. Answer in plain text.",
+)
+
+
+async def chat_deps(user_id: str) -> ChatDependencies:
+    return ChatDependencies(user_id=user_id)

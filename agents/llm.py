@@ -1,0 +1,71 @@
+"""Which model answers, and what its failures mean to a client."""
+
+import logging
+from functools import lru_cache
+
+from django.conf import settings
+from pydantic_ai import exceptions as ai
+from pydantic_ai.models import Model, infer_model, parse_model_id
+from pydantic_ai.providers import infer_provider_class
+
+from agents.demo import build_demo_model
+from bankagent.exceptions import (
+    ApplicationError,
+    ModelError,
+    ModelNotConfigured,
+    ModelTimeout,
+    ModelUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+DEMO = "demo"
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a model, without needing its credentials; None when it can."""
+    if name == DEMO:
+        return None
+    provider, _ = parse_model_id(name)
+    if provider is None:
+        return f"AGENT_MODEL {name!r} is not of the form 'provider:model' (or 'demo')."
+    try:
+        infer_provider_class(provider)
+    except ValueError:
+        return f"AGENT_MODEL {name!r} names an unknown provider {provider!r}."
+    return None
+
+
+@lru_cache(maxsize=8)
+def _provider_model(name: str) -> Model:
+    return infer_model(name)
+
+
+def agent_model() -> Model:
+    """The model of AGENT_MODEL, resolved on every run so that settings (and tests) can swap it."""
+    name = settings.AGENT_MODEL
+    if name == DEMO:
+        return build_demo_model(delay_ms=settings.DEMO_MODEL_DELAY_MS)
+    try:
+        return _provider_model(name)
+    except Exception as exc:  # each provider SDK raises its own type for a missing key
+        # The provider's message names the missing variable, never its value; it stays in the log.
+        logger.error("Model %r cannot be used: %s", name, exc)
+        raise ModelNotConfigured() from exc
+
+
+def model_failure(exc: BaseException) -> ApplicationError:
+    """The client-facing error for an exception raised by a model run."""
+    if isinstance(exc, ApplicationError):
+        return exc
+    if isinstance(exc, ai.ModelTimeoutError | ai.ModelRequestTimeout | ai.RunTimedOut | TimeoutError):
+        return ModelTimeout()
+    if isinstance(exc, ai.ModelAuthenticationError):
+        logger.error("The model provider refused our credentials: %s", exc)
+        return ModelNotConfigured()
+    if isinstance(exc, ai.ModelUnavailableError | ai.ModelConnectionError | ai.ModelRateLimitError):
+        return ModelUnavailable()
+    if isinstance(exc, ai.ModelAPIError | ai.UnexpectedModelBehavior | ai.UsageLimitExceeded):
+        return ModelError()
+    logger.exception("Agent run failed", exc_info=exc)
+    return ApplicationError()

@@ -1,0 +1,60 @@
+"""The agents this service runs, by `agent_type`: an explicit table, no discovery."""
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from pydantic_ai import Agent
+
+from agents.bank_support import support_agent, support_deps
+from agents.general_chat import chat_agent, chat_deps
+from bankagent.exceptions import unknown_agent_type
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    agent_type: str
+    description: str
+    agent: Agent[Any, Any]
+    deps_for: Callable[[str], Awaitable[Any]]
+    """Builds the run's dependencies for an end user's id."""
+    structured: bool
+    """Whether the output is a JSON object (stored in `output`) rather than text."""
+
+    @cached_property
+    def output_schema(self) -> dict[str, Any]:
+        return self.agent.output_json_schema()
+
+
+AGENTS: dict[str, AgentSpec] = {
+    spec.agent_type: spec
+    for spec in [
+        AgentSpec(
+            agent_type="bank_support",
+            description="The bank's support assistant: advice, card blocking and a risk level, from the "
+            "customer's balance and recent transactions.",
+            agent=support_agent,
+            deps_for=support_deps,
+            structured=True,
+        ),
+        AgentSpec(
+            agent_type="general_chat",
+            description="A general assistant answering in plain text.",
+            agent=chat_agent,
+            deps_for=chat_deps,
+            structured=False,
+        ),
+    ]
+}
+
+
+def agent_spec(agent_type: str) -> AgentSpec:
+    try:
+        return AGENTS[agent_type]
+    except KeyError:
+        raise unknown_agent_type(agent_type, agent_types()) from None
+
+
+def agent_types() -> list[str]:
+    return sorted(AGENTS)

@@ -1,0 +1,55 @@
+"""API-key authentication: the key names the caller, X-User-ID the end user it acts for."""
+
+import uuid
+from dataclasses import dataclass
+
+from rest_framework.authentication import BaseAuthentication
+from rest_framework.request import Request
+from rest_framework_api_key.models import APIKey
+
+from bankagent.exceptions import AuthenticationFailed, InvalidUserId
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts for: the end user, vouched for by an API key holder."""
+
+    user_id: uuid.UUID
+    api_key_id: str | None = None
+    is_authenticated: bool = True
+
+
+def parse_user_id(raw: str | None) -> uuid.UUID:
+    """Any spelling `uuid.UUID` accepts names the same user."""
+    if not raw:
+        raise InvalidUserId("The X-User-ID header is required.")
+    try:
+        return uuid.UUID(raw.strip())
+    except ValueError as exc:
+        raise InvalidUserId() from exc
+
+
+def api_key_from(raw: str | None) -> APIKey | None:
+    """The usable key matching `raw`, or None. The hash comparison runs in constant time."""
+    if not raw:
+        return None
+    try:
+        key = APIKey.objects.get_from_key(raw.strip())
+    except APIKey.DoesNotExist:
+        return None
+    return None if key.has_expired else key
+
+
+class APIKeyAuthentication(BaseAuthentication):
+    def authenticate(self, request: Request) -> tuple[Principal, APIKey] | None:
+        raw_key = request.headers.get("X-API-Key")
+        if raw_key is None:
+            return None
+        key = api_key_from(raw_key)
+        if key is None:
+            raise AuthenticationFailed()
+        user_id = parse_user_id(request.headers.get("X-User-ID"))
+        return Principal(user_id=user_id, api_key_id=key.pk), key
+
+    def authenticate_header(self, request: Request) -> str:
+        return "X-API-Key"

@@ -1,0 +1,27 @@
+from django.contrib import admin
+from django.urls import include, path, re_path
+from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
+from rest_framework.routers import SimpleRouter
+
+from bankagent.views import api_not_found, health
+from threads.views import AgentViewSet, ThreadViewSet
+
+router = SimpleRouter(trailing_slash=False)
+router.register("threads", ThreadViewSet, basename="thread")
+
+api_v1 = [
+    *router.urls,
+    path("agents", AgentViewSet.as_view({"get": "list"}), name="agent-list"),
+    path("agent/query", AgentViewSet.as_view({"post": "query"}), name="agent-query"),
+    path("health", health, name="health"),
+]
+
+urlpatterns = [
+    path("api/v1/", include(api_v1)),
+    path("api/schema/", SpectacularJSONAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    re_path(r"^api/", api_not_found),
+    path("admin/", admin.site.urls),
+]
+
+handler404 = "bankagent.views.api_not_found"

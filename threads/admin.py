@@ -1,0 +1,62 @@
+import json
+
+from django.contrib import admin
+from django.utils.html import format_html
+
+from threads.models import Message, Thread
+
+
+def pretty_json(value: object) -> str:
+    return format_html("<pre style='white-space: pre-wrap'>{}</pre>", json.dumps(value, indent=2, ensure_ascii=False))
+
+
+class MessageInline(admin.TabularInline):
+    model = Message
+    fields = ["seq", "role", "status", "content", "created_at"]
+    readonly_fields = fields
+    ordering = ["seq"]
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(Thread)
+class ThreadAdmin(admin.ModelAdmin):
+    list_display = ["__str__", "agent_type", "user_id", "updated_at", "created_at"]
+    list_filter = ["agent_type", "created_at", "updated_at"]
+    search_fields = ["user_id", "title"]
+    date_hierarchy = "created_at"
+    readonly_fields = ["id", "user_id", "agent_type", "last_seq", "created_at", "updated_at"]
+    fields = ["id", "user_id", "agent_type", "title", "metadata", "last_seq", "created_at", "updated_at"]
+    inlines = [MessageInline]
+
+
+@admin.register(Message)
+class MessageAdmin(admin.ModelAdmin):
+    list_display = ["__str__", "thread", "role", "status", "created_at"]
+    list_filter = ["role", "status", "created_at"]
+    search_fields = ["thread__id", "thread__user_id", "content"]
+    list_select_related = ["thread"]
+    fields = ["id", "thread", "seq", "role", "status", "content", "output_json", "metadata_json", "history_json"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description="output")
+    def output_json(self, message: Message) -> str:
+        return pretty_json(message.output)
+
+    @admin.display(description="metadata")
+    def metadata_json(self, message: Message) -> str:
+        return pretty_json(message.metadata)
+
+    @admin.display(description="model messages (tool calls included)")
+    def history_json(self, message: Message) -> str:
+        return pretty_json(message.model_messages)

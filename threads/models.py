@@ -1,0 +1,56 @@
+import uuid
+
+from django.db import models
+
+
+class Thread(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user_id = models.UUIDField(help_text="The end user who owns the thread.")
+    agent_type = models.CharField(max_length=50)
+    # The contract distinguishes "no title" (null) from an empty one.
+    title = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001
+    metadata = models.JSONField(default=dict, blank=True)
+    # The seq of the last message; turns take the next numbers under a row lock.
+    last_seq = models.PositiveBigIntegerField(default=0, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-updated_at", "-id"]
+        indexes = [models.Index(fields=["user_id", "-updated_at", "-id"], name="thread_user_recent")]
+
+    def __str__(self) -> str:
+        return self.title or f"{self.agent_type} {self.id}"
+
+
+class Message(models.Model):
+    class Role(models.TextChoices):
+        USER = "user"
+        ASSISTANT = "assistant"
+        SYSTEM = "system"
+
+    class Status(models.TextChoices):
+        COMPLETE = "complete"
+        INCOMPLETE = "incomplete"
+        FAILED = "failed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    thread = models.ForeignKey(Thread, on_delete=models.CASCADE, related_name="messages")
+    # Position in the thread: timestamps can tie, seq cannot.
+    seq = models.PositiveBigIntegerField(editable=False)
+    role = models.CharField(max_length=16, choices=Role.choices)
+    content = models.TextField(blank=True, default="")
+    output = models.JSONField(null=True, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.COMPLETE)
+    metadata = models.JSONField(default=dict, blank=True)
+    # pydantic-ai's own message list of the exchange this assistant message ends, tool calls included,
+    # so that history replays exactly. Not part of the public shape.
+    model_messages = models.JSONField(null=True, blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["thread", "seq"]
+        constraints = [models.UniqueConstraint(fields=["thread", "seq"], name="message_thread_seq")]
+
+    def __str__(self) -> str:
+        return f"{self.role} #{self.seq}"

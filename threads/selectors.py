@@ -1,0 +1,53 @@
+"""Reads: every query on threads and messages, always scoped by the end user."""
+
+import uuid
+from itertools import chain
+
+from django.db.models import QuerySet
+from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
+
+from bankagent.exceptions import NotFound
+from threads.models import Message, Thread
+
+
+def parse_thread_id(raw: str) -> uuid.UUID:
+    """A thread id from a URL; one that is not a UUID names no thread."""
+    try:
+        return uuid.UUID(raw)
+    except ValueError as exc:
+        raise NotFound("Thread not found.") from exc
+
+
+def thread_get_for_user(*, thread_id: uuid.UUID, user_id: uuid.UUID) -> Thread:
+    """The user's thread; another user's thread is indistinguishable from a missing one."""
+    try:
+        return Thread.objects.get(pk=thread_id, user_id=user_id)
+    except Thread.DoesNotExist as exc:
+        raise NotFound("Thread not found.") from exc
+
+
+def thread_list(*, user_id: uuid.UUID, agent_type: str | None = None) -> QuerySet[Thread]:
+    threads = Thread.objects.filter(user_id=user_id)
+    if agent_type:
+        threads = threads.filter(agent_type=agent_type)
+    return threads
+
+
+def message_list(*, thread: Thread) -> QuerySet[Message]:
+    return Message.objects.filter(thread=thread).defer("model_messages")
+
+
+def thread_latest_messages(*, thread: Thread, limit: int = 50) -> tuple[list[Message], bool]:
+    """The latest `limit` messages in chronological order, and whether older ones exist."""
+    newest_first = list(message_list(thread=thread).order_by("-seq")[: limit + 1])
+    return newest_first[:limit][::-1], len(newest_first) > limit
+
+
+def thread_history(*, thread: Thread, turns: int) -> list[ModelMessage]:
+    """The model's view of the last `turns` finished exchanges, tool calls included, in one query."""
+    stored = (
+        Message.objects.filter(thread=thread, role=Message.Role.ASSISTANT, model_messages__isnull=False)
+        .order_by("-seq")
+        .values_list("model_messages", flat=True)[:turns]
+    )
+    return ModelMessagesTypeAdapter.validate_python(list(chain.from_iterable(reversed(list(stored)))))

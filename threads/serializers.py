@@ -1,0 +1,112 @@
+from typing import Any
+
+from rest_framework import serializers
+
+from bankagent.exceptions import InvalidText, QueryTooLong, unknown_agent_type
+from threads.models import Message, Thread
+
+MAX_QUERY_LENGTH = 8_000
+
+
+def check_text(value: str) -> str:
+    """NUL and lone surrogates corrupt storage and logs downstream: refuse them at the door."""
+    if "\x00" in value or any("\ud800" <= char <= "\udfff" for char in value):
+        raise InvalidText()
+    return value
+
+
+def check_json_text(value: Any) -> Any:
+    """check_text on every string of a JSON value, keys included."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            check_text(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+class TextField(serializers.CharField):
+    """A string and only a string (DRF would turn 12 into "12"), free of NUL and lone surrogates."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(check_text(data))
+
+
+class MetadataField(serializers.JSONField):
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise serializers.ValidationError("metadata must be a JSON object.")
+        return check_json_text(super().to_internal_value(data))
+
+
+class ThreadSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Thread
+        fields = ["id", "user_id", "agent_type", "title", "metadata", "created_at", "updated_at"]
+        read_only_fields = fields
+
+
+class ThreadCreateSerializer(serializers.Serializer):
+    agent_type = TextField(max_length=50)
+    title = TextField(max_length=200, required=False, allow_null=True, allow_blank=True)
+    metadata = MetadataField(required=False)
+
+    def validate_agent_type(self, value: str) -> str:
+        known = self.context["agent_types"]
+        if value not in known:
+            raise unknown_agent_type(value, known)
+        return value
+
+
+class ThreadUpdateSerializer(serializers.Serializer):
+    title = TextField(max_length=200, required=False, allow_null=True, allow_blank=True)
+    metadata = MetadataField(required=False)
+
+
+class MessageSerializer(serializers.ModelSerializer):
+    thread_id = serializers.UUIDField(read_only=True)
+
+    class Meta:
+        model = Message
+        fields = ["id", "thread_id", "role", "content", "output", "status", "metadata", "created_at"]
+        read_only_fields = fields
+
+
+class ThreadDetailSerializer(ThreadSerializer):
+    messages = MessageSerializer(source="messages_page", many=True, read_only=True)
+    has_more_messages = serializers.BooleanField(read_only=True)
+
+    class Meta(ThreadSerializer.Meta):
+        fields = [*ThreadSerializer.Meta.fields, "messages", "has_more_messages"]
+        read_only_fields = fields
+
+
+class AgentQuerySerializer(serializers.Serializer):
+    thread_id = serializers.UUIDField()
+    query = TextField()
+
+    def validate_query(self, value: str) -> str:
+        if len(value) > MAX_QUERY_LENGTH:
+            raise QueryTooLong(details={"max_length": MAX_QUERY_LENGTH, "length": len(value)})
+        return value
+
+
+class AgentResponseSerializer(serializers.Serializer):
+    thread_id = serializers.UUIDField(source="assistant_message.thread_id")
+    message_id = serializers.UUIDField(source="assistant_message.id")
+    user_message_id = serializers.UUIDField(source="user_message.id")
+    response = serializers.CharField(source="assistant_message.content")
+    output = serializers.JSONField(source="assistant_message.output")
+
+
+class AgentSerializer(serializers.Serializer):
+    agent_type = serializers.CharField()
+    description = serializers.CharField()
+    output_schema = serializers.JSONField()
