@@ -34,6 +34,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework_api_key",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "channels",
     "bankagent",
     "threads",
@@ -89,6 +90,8 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+# Development serves static files straight from the apps; deployments run collectstatic.
+WHITENOISE_USE_FINDERS = DEBUG
 
 # The contract's body limit: 65,536 bytes accepted, one more refused (see bankagent.middleware).
 DATA_UPLOAD_MAX_MEMORY_SIZE = 65_536
@@ -123,6 +126,9 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "SERVE_AUTHENTICATION": [],
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    # Swagger UI's assets are served by this server, not fetched from a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
 }
 
 LOGGING = {

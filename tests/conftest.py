@@ -1,0 +1,55 @@
+import uuid
+
+import pytest
+from pydantic_ai import models
+from rest_framework.test import APIClient
+from rest_framework_api_key.models import APIKey
+
+from threads.models import Thread
+
+models.ALLOW_MODEL_REQUESTS = False
+
+DEMO_USER_ID = uuid.UUID("123e4567-e89b-12d3-a456-426614174000")
+
+
+@pytest.fixture(autouse=True)
+def _fast_demo_model(settings):
+    settings.AGENT_MODEL = "demo"
+    settings.DEMO_MODEL_DELAY_MS = 0
+
+
+@pytest.fixture
+def api_key(db) -> str:
+    _, key = APIKey.objects.create_key(name="tests")
+    return key
+
+
+@pytest.fixture
+def user_id() -> uuid.UUID:
+    return DEMO_USER_ID
+
+
+@pytest.fixture
+def other_user_id() -> uuid.UUID:
+    return uuid.UUID("00000000-0000-4000-8000-000000000002")
+
+
+@pytest.fixture
+def client(api_key, user_id) -> APIClient:
+    """A client authenticated as the demo customer."""
+    api = APIClient()
+    api.credentials(HTTP_X_API_KEY=api_key, HTTP_X_USER_ID=str(user_id))
+    return api
+
+
+@pytest.fixture
+def anonymous() -> APIClient:
+    return APIClient()
+
+
+@pytest.fixture
+def make_thread(db, user_id):
+    def make(*, user: uuid.UUID | None = None, agent_type: str = "bank_support", **fields) -> Thread:
+        return Thread.objects.create(user_id=user or user_id, agent_type=agent_type, **fields)
+
+    return make
