@@ -42,8 +42,13 @@ def _provider_model(name: str) -> Model:
 
 
 def agent_model() -> Model:
-    """The model of AGENT_MODEL, resolved on every run so that settings (and tests) can swap it."""
+    """The model of AGENT_MODEL, resolved on every run so that settings (and tests) can swap it.
+
+    AGENT_MODEL may also hold a `Model` instance: tests put a `FunctionModel` there.
+    """
     name = settings.AGENT_MODEL
+    if isinstance(name, Model):
+        return name
     if name == DEMO:
         return build_demo_model(delay_ms=settings.DEMO_MODEL_DELAY_MS)
     try:

@@ -35,6 +35,8 @@ class RunSetup:
 
     spec: AgentSpec
     model: Model
+    model_label: str
+    """What answered, as configured: "demo", "openai:gpt-4o", ..."""
     deps: Any
     history: list[ModelMessage]
     turn: Turn
@@ -54,7 +56,10 @@ async def prepare_run(*, thread: Thread, query: str) -> RunSetup:
     deps = await spec.deps_for(str(thread.user_id))
     history, user_message, assistant_message = await sync_to_async(_begin)(thread=thread, query=query)
     turn = Turn(thread=thread, user_message=user_message, assistant_message=assistant_message)
-    return RunSetup(spec=spec, model=model, deps=deps, history=history, turn=turn, started=time.monotonic())
+    label = settings.AGENT_MODEL if isinstance(settings.AGENT_MODEL, str) else model.model_name
+    return RunSetup(
+        spec=spec, model=model, model_label=label, deps=deps, history=history, turn=turn, started=time.monotonic()
+    )
 
 
 def usage_metadata(usage: RunUsage) -> dict[str, int]:
@@ -69,7 +74,7 @@ def usage_metadata(usage: RunUsage) -> dict[str, int]:
 
 def _run_metadata(setup: RunSetup, **extra: Any) -> dict[str, Any]:
     duration_ms = round((time.monotonic() - setup.started) * 1000)
-    return {"model": settings.AGENT_MODEL, "duration_ms": duration_ms, **extra}
+    return {"model": setup.model_label, "duration_ms": duration_ms, **extra}
 
 
 async def finish_complete(
