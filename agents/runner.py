@@ -1,7 +1,16 @@
-"""Run a thread's agent on its stored history and persist the exchange: the one path every entry point takes."""
+"""Run a thread's agent on its stored history and persist the exchange: the one path every entry point takes.
 
+`prepare_run` takes the thread's run lease and saves the user's message; `run_query` (blocking) and
+`agents.streaming` (NDJSON and websockets) then run the model and end with one of the `finish_*` functions.
+"""
+
+import asyncio
+import contextlib
 import json
+import logging
 import time
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +26,9 @@ from agents.registry import AgentSpec, agent_spec
 from bankagent.exceptions import ApplicationError
 from threads.models import Message, Thread
 from threads.selectors import thread_history
-from threads.services import turn_finish, turn_start
+from threads.services import run_heartbeat, turn_finish, turn_start
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,30 +47,63 @@ class RunSetup:
     spec: AgentSpec
     model: Model
     model_label: str
-    """What answered, as configured: "demo", "openai:gpt-4o", ..."""
+    """What answers, as configured: "demo", "openai:gpt-4o", ..."""
     deps: Any
     history: list[ModelMessage]
+    query: str
     turn: Turn
+    run_token: uuid.UUID
     started: float
 
 
-def _begin(*, thread: Thread, query: str) -> tuple[list[ModelMessage], Message, Message]:
+def _begin(*, thread: Thread, query: str, run_token: uuid.UUID) -> tuple[list[ModelMessage], Message, Message]:
     history = thread_history(thread=thread, turns=settings.AGENT_HISTORY_TURNS)
-    user_message, assistant_message = turn_start(thread=thread, query=query)
+    user_message, assistant_message = turn_start(
+        thread=thread, query=query, run_token=run_token, lease_seconds=settings.RUN_LEASE_SECONDS
+    )
     return history, user_message, assistant_message
 
 
 async def prepare_run(*, thread: Thread, query: str) -> RunSetup:
-    """Resolve agent and model (a misconfiguration writes nothing), then save the user's message."""
+    """Resolve agent and model, take the thread's lease and save the user's message.
+
+    A misconfiguration or a busy thread raises before anything is written.
+    """
     spec = agent_spec(thread.agent_type)
     model = agent_model()
     deps = await spec.deps_for(str(thread.user_id))
-    history, user_message, assistant_message = await sync_to_async(_begin)(thread=thread, query=query)
-    turn = Turn(thread=thread, user_message=user_message, assistant_message=assistant_message)
-    label = settings.AGENT_MODEL if isinstance(settings.AGENT_MODEL, str) else model.model_name
-    return RunSetup(
-        spec=spec, model=model, model_label=label, deps=deps, history=history, turn=turn, started=time.monotonic()
+    run_token = uuid.uuid4()
+    history, user_message, assistant_message = await sync_to_async(_begin)(
+        thread=thread, query=query, run_token=run_token
     )
+    return RunSetup(
+        spec=spec,
+        model=model,
+        model_label=settings.AGENT_MODEL if isinstance(settings.AGENT_MODEL, str) else model.model_name,
+        deps=deps,
+        history=history,
+        query=query,
+        turn=Turn(thread=thread, user_message=user_message, assistant_message=assistant_message),
+        run_token=run_token,
+        started=time.monotonic(),
+    )
+
+
+@contextlib.asynccontextmanager
+async def lease_kept(setup: RunSetup) -> AsyncIterator[None]:
+    """Renew the thread's run lease while the body runs."""
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(settings.RUN_LEASE_SECONDS / 3)
+            if not await sync_to_async(run_heartbeat)(thread_id=setup.turn.thread.pk, run_token=setup.run_token):
+                logger.warning("Run on thread %s lost its lease", setup.turn.thread.pk)
+
+    heart = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        heart.cancel()
 
 
 def usage_metadata(usage: RunUsage) -> dict[str, int]:
@@ -72,32 +116,44 @@ def usage_metadata(usage: RunUsage) -> dict[str, int]:
     }
 
 
-def _run_metadata(setup: RunSetup, **extra: Any) -> dict[str, Any]:
-    duration_ms = round((time.monotonic() - setup.started) * 1000)
-    return {"model": setup.model_label, "duration_ms": duration_ms, **extra}
+async def _finish(setup: RunSetup, *, status: str, content: str, output: Any, **fields: Any) -> Message:
+    model_messages = fields.pop("model_messages", None)
+    metadata = {"model": setup.model_label, "duration_ms": round((time.monotonic() - setup.started) * 1000)}
+    return await sync_to_async(turn_finish)(
+        message=setup.turn.assistant_message,
+        run_token=setup.run_token,
+        status=status,
+        content=content,
+        output=output if setup.spec.structured else None,
+        metadata=metadata | fields,
+        model_messages=model_messages,
+    )
 
 
 async def finish_complete(
     setup: RunSetup, *, output: Any, new_messages: list[ModelMessage], usage: RunUsage, **metadata: Any
 ) -> Message:
-    structured = setup.spec.structured
-    return await sync_to_async(turn_finish)(
-        message=setup.turn.assistant_message,
+    content = json.dumps(output, ensure_ascii=False) if setup.spec.structured else output
+    return await _finish(
+        setup,
         status=Message.Status.COMPLETE,
-        content=json.dumps(output, ensure_ascii=False) if structured else output,
-        output=output if structured else None,
-        metadata=_run_metadata(setup, usage=usage_metadata(usage), **metadata),
+        content=content,
+        output=output,
+        usage=usage_metadata(usage),
         model_messages=to_jsonable_python(new_messages),
+        **metadata,
     )
 
 
+async def finish_incomplete(setup: RunSetup, *, content: str, output: Any, **metadata: Any) -> Message:
+    """A run stopped before its end (cancelled): keep what was produced. It does not enter the history."""
+    return await _finish(setup, status=Message.Status.INCOMPLETE, content=content, output=output, **metadata)
+
+
 async def finish_failed(setup: RunSetup, *, error: ApplicationError, content: str = "", **metadata: Any) -> Message:
-    return await sync_to_async(turn_finish)(
-        message=setup.turn.assistant_message,
-        status=Message.Status.FAILED,
-        content=content,
-        output=None,
-        metadata=_run_metadata(setup, error={"code": error.code, "message": error.message}, **metadata),
+    error_info = {"code": error.code, "message": error.message}
+    return await _finish(
+        setup, status=Message.Status.FAILED, content=content, output=None, error=error_info, **metadata
     )
 
 
@@ -105,7 +161,10 @@ async def run_query(*, thread: Thread, query: str) -> Turn:
     """Answer `query` on `thread` and return the saved exchange; a model failure is saved, then raised."""
     setup = await prepare_run(thread=thread, query=query)
     try:
-        result = await setup.spec.agent.run(query, message_history=setup.history, deps=setup.deps, model=setup.model)
+        async with lease_kept(setup):
+            result = await setup.spec.agent.run(
+                query, message_history=setup.history, deps=setup.deps, model=setup.model
+            )
     except Exception as exc:
         error = model_failure(exc)
         await finish_failed(setup, error=error)

@@ -5,8 +5,25 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bankagent.settings")
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402 - needs the app registry loaded above
+# Imported once the app registry is ready.
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import OriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
 
 from bankagent.middleware import ASGIBodyLimit  # noqa: E402
+from threads.routing import websocket_urlpatterns  # noqa: E402
 
-application = ProtocolTypeRouter({"http": ASGIBodyLimit(django_asgi_app)})
+
+class BrowserOriginValidator(OriginValidator):
+    """Browsers always send Origin, which must name an allowed host; server-to-server clients send none."""
+
+    def valid_origin(self, parsed_origin) -> bool:
+        return parsed_origin is None or super().valid_origin(parsed_origin)
+
+
+application = ProtocolTypeRouter(
+    {
+        "http": ASGIBodyLimit(django_asgi_app),
+        "websocket": BrowserOriginValidator(URLRouter(websocket_urlpatterns), settings.ALLOWED_HOSTS),
+    }
+)

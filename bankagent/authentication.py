@@ -2,12 +2,15 @@
 
 import uuid
 from dataclasses import dataclass
+from urllib.parse import parse_qs
 
+from channels.db import database_sync_to_async
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 from rest_framework_api_key.models import APIKey
 
 from bankagent.exceptions import AuthenticationFailed, InvalidUserId
+from bankagent.tickets import ticket_redeem
 
 
 @dataclass(frozen=True)
@@ -53,3 +56,29 @@ class APIKeyAuthentication(BaseAuthentication):
 
     def authenticate_header(self, request: Request) -> str:
         return "X-API-Key"
+
+
+def _usable_key_id(api_key_id: str | None) -> bool:
+    key = APIKey.objects.get_usable_keys().filter(pk=api_key_id).first()
+    return key is not None and not key.has_expired
+
+
+async def authenticate_socket(scope: dict, thread_id: uuid.UUID) -> Principal | None:
+    """Who a websocket handshake acts for: a single-use ticket for this thread, or the API headers."""
+    headers = {name.decode("latin1").lower(): value.decode("latin1") for name, value in scope.get("headers", [])}
+    tickets = parse_qs(scope.get("query_string", b"").decode("latin1")).get("ticket")
+    if tickets:
+        ticket = await database_sync_to_async(ticket_redeem)(tickets[0])
+        if ticket is None or ticket.thread_id != thread_id:
+            return None
+        # A key revoked since the ticket was issued revokes the ticket too.
+        if not await database_sync_to_async(_usable_key_id)(ticket.api_key_id):
+            return None
+        return Principal(user_id=ticket.user_id, api_key_id=ticket.api_key_id)
+    key = await database_sync_to_async(api_key_from)(headers.get("x-api-key"))
+    if key is None:
+        return None
+    try:
+        return Principal(user_id=parse_user_id(headers.get("x-user-id")), api_key_id=key.pk)
+    except InvalidUserId:
+        return None

@@ -56,6 +56,7 @@ ModelError = _error(502, "model_error", "The language model failed to produce an
 ModelUnavailable = _error(503, "model_unavailable", "The language model is not available right now.")
 ModelNotConfigured = _error(503, "model_not_configured", "The language model is not configured on this server.")
 ModelTimeout = _error(504, "model_timeout", "The language model did not answer in time.")
+BadFrame = _error(400, "bad_frame", "Frames are JSON objects with a type: query, cancel or ping.")
 ServiceUnavailable = _error(503, "service_unavailable", "A service this server depends on is down.")
 
 
@@ -65,7 +66,7 @@ def unknown_agent_type(agent_type: str, known: list[str]) -> ApplicationError:
     )
 
 
-def _from_drf(exc: drf.APIException) -> ApplicationError:
+def from_drf(exc: drf.APIException) -> ApplicationError:
     if isinstance(exc, drf.ValidationError):
         details = exc.detail if isinstance(exc.detail, dict) else {"non_field_errors": exc.detail}
         return ValidationFailed(details=details)
@@ -93,7 +94,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     if isinstance(exc, (Http404, PermissionDenied)):
         exc = NotFound()
     elif isinstance(exc, drf.APIException):
-        exc = _from_drf(exc)
+        exc = from_drf(exc)
     elif not isinstance(exc, ApplicationError):
         logger.exception("Unhandled error in %s", context.get("view").__class__.__name__)
         exc = ApplicationError()

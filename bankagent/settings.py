@@ -75,11 +75,20 @@ TEMPLATES = [
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
 
 REDIS_URL = env.str("REDIS_URL", default="")
+# Room for every event of a long answer queued to a slow socket.
+CHANNEL_CAPACITY = env.int("CHANNEL_CAPACITY", default=2000)
 if REDIS_URL:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}}
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "capacity": CHANNEL_CAPACITY},
+        }
+    }
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
 else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": CHANNEL_CAPACITY}}
+    }
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -107,6 +116,9 @@ AGENT_MODEL = env.str("AGENT_MODEL", default="demo")
 DEMO_MODEL_DELAY_MS = env.int("DEMO_MODEL_DELAY_MS", default=25)
 # How many earlier exchanges of a thread the model sees.
 AGENT_HISTORY_TURNS = env.int("AGENT_HISTORY_TURNS", default=20)
+# A run holds its thread for this long past its last heartbeat (it beats every third of it).
+RUN_LEASE_SECONDS = env.float("RUN_LEASE_SECONDS", default=30)
+WS_TICKET_SECONDS = 60
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["bankagent.authentication.APIKeyAuthentication"],

@@ -13,6 +13,8 @@ api_v1 = [
     *router.urls,
     path("agents", AgentViewSet.as_view({"get": "list"}), name="agent-list"),
     path("agent/query", AgentViewSet.as_view({"post": "query"}), name="agent-query"),
+    path("agent/stream", AgentViewSet.as_view({"post": "stream"}), name="agent-stream"),
+    path("ws-tickets", AgentViewSet.as_view({"post": "ticket"}), name="ws-ticket"),
     path("health", health, name="health"),
 ]
 

@@ -12,6 +12,10 @@ class Thread(models.Model):
     metadata = models.JSONField(default=dict, blank=True)
     # The seq of the last message; turns take the next numbers under a row lock.
     last_seq = models.PositiveBigIntegerField(default=0, editable=False)
+    # The run answering on this thread, if any: one at a time, across processes. The lease lapses when its
+    # heartbeat stops, so a crashed process never leaves the thread busy for good.
+    run_token = models.UUIDField(null=True, blank=True, editable=False)
+    run_heartbeat = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -46,7 +46,9 @@ def thread_latest_messages(*, thread: Thread, limit: int = 50) -> tuple[list[Mes
 def thread_history(*, thread: Thread, turns: int) -> list[ModelMessage]:
     """The model's view of the last `turns` finished exchanges, tool calls included, in one query."""
     stored = (
-        Message.objects.filter(thread=thread, role=Message.Role.ASSISTANT, model_messages__isnull=False)
+        Message.objects.filter(
+            thread=thread, role=Message.Role.ASSISTANT, status=Message.Status.COMPLETE, model_messages__isnull=False
+        )
         .order_by("-seq")
         .values_list("model_messages", flat=True)[:turns]
     )

@@ -88,14 +88,35 @@ class ThreadDetailSerializer(ThreadSerializer):
         read_only_fields = fields
 
 
-class AgentQuerySerializer(serializers.Serializer):
-    thread_id = serializers.UUIDField()
-    query = TextField()
+class QueryField(TextField):
+    """1 to 8,000 code points after stripping."""
 
-    def validate_query(self, value: str) -> str:
+    def to_internal_value(self, data: Any) -> str:
+        value = super().to_internal_value(data)
         if len(value) > MAX_QUERY_LENGTH:
             raise QueryTooLong(details={"max_length": MAX_QUERY_LENGTH, "length": len(value)})
         return value
+
+
+class AgentQuerySerializer(serializers.Serializer):
+    thread_id = serializers.UUIDField()
+    query = QueryField()
+
+
+class QueryFrameSerializer(serializers.Serializer):
+    """A websocket `query` frame: the thread is the socket's."""
+
+    query = QueryField()
+    request_id = TextField(max_length=100, required=False)
+
+
+class TicketRequestSerializer(serializers.Serializer):
+    thread_id = serializers.UUIDField()
+
+
+class TicketSerializer(serializers.Serializer):
+    ticket = serializers.CharField()
+    expires_at = serializers.DateTimeField()
 
 
 class AgentResponseSerializer(serializers.Serializer):

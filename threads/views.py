@@ -1,16 +1,21 @@
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from asgiref.sync import async_to_sync
+from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from agents.fanout import start_stream
 from agents.registry import AGENTS, agent_types
 from agents.runner import run_query
 from bankagent.exceptions import unknown_agent_type
 from bankagent.pagination import KeysetPaginator
+from bankagent.tickets import ticket_issue
 from threads import selectors, services
 from threads.serializers import (
     AgentQuerySerializer,
@@ -21,6 +26,8 @@ from threads.serializers import (
     ThreadDetailSerializer,
     ThreadSerializer,
     ThreadUpdateSerializer,
+    TicketRequestSerializer,
+    TicketSerializer,
 )
 
 THREAD_PAGES = KeysetPaginator(fields=["updated_at", "id"], salt="threads")
@@ -98,3 +105,30 @@ class AgentViewSet(viewsets.ViewSet):
         thread = selectors.thread_get_for_user(thread_id=data["thread_id"], user_id=request.user.user_id)
         turn = async_to_sync(run_query)(thread=thread, query=data["query"])
         return Response(AgentResponseSerializer(turn).data)
+
+    @extend_schema(request=AgentQuerySerializer, responses={(200, "application/x-ndjson"): str})
+    @action(detail=False, methods=["post"])
+    def stream(self, request: Request) -> StreamingHttpResponse:
+        data = validated(AgentQuerySerializer, request.data)
+        thread = selectors.thread_get_for_user(thread_id=data["thread_id"], user_id=request.user.user_id)
+        # Under ASGI this runs in the server's event loop, so the run outlives this request if the client goes.
+        handle = async_to_sync(start_stream)(thread=thread, query=data["query"], listen=True)
+        response = StreamingHttpResponse(ndjson(handle.events()), content_type="application/x-ndjson")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"
+        return response
+
+    @extend_schema(request=TicketRequestSerializer, responses={201: TicketSerializer})
+    @action(detail=False, methods=["post"])
+    def ticket(self, request: Request) -> Response:
+        data = validated(TicketRequestSerializer, request.data)
+        thread = selectors.thread_get_for_user(thread_id=data["thread_id"], user_id=request.user.user_id)
+        ticket, expires_at = ticket_issue(
+            api_key_id=request.user.api_key_id, user_id=thread.user_id, thread_id=thread.pk
+        )
+        return Response(TicketSerializer({"ticket": ticket, "expires_at": expires_at}).data, status=201)
+
+
+async def ndjson(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    async for event in events:
+        yield json.dumps(event, ensure_ascii=False).encode() + b"\n"

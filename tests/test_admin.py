@@ -1,0 +1,171 @@
+"""The Django admin pages for threads, messages, API keys and customers render for a superuser."""
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.test import Client
+from django.utils import timezone
+
+from agents.models import Customer
+from threads import services
+from threads.models import Message, Thread
+
+DEMO_USER_ID = uuid.UUID("123e4567-e89b-12d3-a456-426614174000")
+
+
+@pytest.fixture
+def conversation(make_thread) -> Thread:
+    """A thread of three finished turns whose timestamps run backwards, so only `seq` orders them."""
+    thread = make_thread(title="Lost card conversation")
+    now = timezone.now()
+    for index, prompt in enumerate(["alpha question", "beta question", "gamma question"]):
+        run_token = uuid.uuid4()
+        _, assistant = services.turn_start(thread=thread, query=prompt, run_token=run_token, lease_seconds=30)
+        services.turn_finish(
+            message=assistant,
+            run_token=run_token,
+            status=Message.Status.COMPLETE,
+            content=f"{prompt.split()[0]} answer",
+            output=None,
+            metadata={"model": "demo", "duration_ms": 4321 + index, "usage": {"total_tokens": 17}},
+        )
+    for message in Message.objects.filter(thread=thread):
+        Message.objects.filter(pk=message.pk).update(created_at=now - timedelta(minutes=message.seq))
+    return thread
+
+
+def test_admin_needs_a_staff_login(db):
+    response = Client().get("/admin/threads/thread/")
+
+    assert response.status_code == 302
+    assert "/admin/login/" in response["Location"]
+
+
+def test_thread_changelist_renders_with_the_threads(admin_client, conversation, make_thread, other_user_id):
+    make_thread(user=other_user_id, agent_type="general_chat", title="Poem request")
+
+    response = admin_client.get("/admin/threads/thread/")
+
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert "Lost card conversation" in content
+    assert "Poem request" in content
+
+
+def test_thread_changelist_filters_by_agent_type(admin_client, conversation, make_thread, other_user_id):
+    make_thread(user=other_user_id, agent_type="general_chat", title="Poem request")
+
+    response = admin_client.get("/admin/threads/thread/", {"agent_type__exact": "general_chat"})
+
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert "Poem request" in content
+    assert "Lost card conversation" not in content
+
+
+@pytest.mark.parametrize("spelling", [str, lambda user: str(user).upper()], ids=["canonical", "upper"])
+def test_thread_changelist_searches_by_user_id(admin_client, conversation, make_thread, other_user_id, spelling):
+    make_thread(user=other_user_id, agent_type="general_chat", title="Poem request")
+
+    response = admin_client.get("/admin/threads/thread/", {"q": spelling(other_user_id)})
+
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert "Poem request" in content
+    assert "Lost card conversation" not in content
+
+
+def test_thread_changelist_searches_by_title(admin_client, conversation, make_thread, other_user_id):
+    make_thread(user=other_user_id, agent_type="general_chat", title="Poem request")
+
+    response = admin_client.get("/admin/threads/thread/", {"q": "lost card"})
+
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert "Lost card conversation" in content
+    assert "Poem request" not in content
+
+
+def test_thread_change_page_shows_its_messages_inline_in_chronological_order(admin_client, conversation):
+    response = admin_client.get(f"/admin/threads/thread/{conversation.pk}/change/")
+
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert str(DEMO_USER_ID) in content
+    expected = [
+        "alpha question",
+        "alpha answer",
+        "beta question",
+        "beta answer",
+        "gamma question",
+        "gamma answer",
+    ]
+    positions = [content.find(text) for text in expected]
+    assert -1 not in positions, dict(zip(expected, positions, strict=True))
+    assert positions == sorted(positions)
+
+
+def test_message_changelist_renders(admin_client, conversation):
+    response = admin_client.get("/admin/threads/message/")
+
+    assert response.status_code == 200
+    assert "Lost card conversation" in response.content.decode()
+
+
+def test_message_changelist_filters_by_role(admin_client, conversation):
+    response = admin_client.get("/admin/threads/message/", {"role__exact": "assistant"})
+
+    assert response.status_code == 200
+    assert "3 messages" in response.content.decode()
+
+
+def test_message_change_page_shows_its_metadata(admin_client, conversation):
+    message = Message.objects.get(thread=conversation, seq=2)
+
+    response = admin_client.get(f"/admin/threads/message/{message.pk}/change/")
+
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert "duration_ms" in content
+    assert "4321" in content
+    assert "total_tokens" in content
+    assert "alpha answer" in content
+
+
+def test_api_key_changelist_lists_the_keys(admin_client, api_key):
+    response = admin_client.get("/admin/rest_framework_api_key/apikey/")
+
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert "tests" in content
+    assert api_key not in content
+
+
+def test_api_key_add_page_renders(admin_client):
+    response = admin_client.get("/admin/rest_framework_api_key/apikey/add/")
+
+    assert response.status_code == 200
+    assert 'name="name"' in response.content.decode()
+
+
+def test_customer_changelist_lists_the_seeded_demo_customer(admin_client):
+    response = admin_client.get("/admin/agents/customer/")
+
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert "John" in content
+    assert str(DEMO_USER_ID) in content
+
+
+def test_customer_change_page_shows_the_demo_customer_with_cards_and_transactions(admin_client):
+    john = Customer.objects.get(user_id=DEMO_USER_ID)
+
+    response = admin_client.get(f"/admin/agents/customer/{john.pk}/change/")
+
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert "John" in content
+    assert "1123.45" in content
+    assert "4242" in content
+    assert "Corner Coffee" in content
