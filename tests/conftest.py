@@ -1,6 +1,8 @@
 import uuid
 
 import pytest
+from asgiref.sync import SyncToAsync
+from django.db import connections
 from pydantic_ai import models
 from rest_framework.test import APIClient
 from rest_framework_api_key.models import APIKey
@@ -16,6 +18,14 @@ DEMO_USER_ID = uuid.UUID("123e4567-e89b-12d3-a456-426614174000")
 def _fast_demo_model(settings):
     settings.AGENT_MODEL = "demo"
     settings.DEMO_MODEL_DELAY_MS = 0
+
+
+@pytest.fixture(autouse=True)
+def _close_worker_thread_connections():
+    yield
+    # Async code reaches the database from asgiref's worker thread; its connection must not outlive the test
+    # database (PostgreSQL refuses to drop a database still in use).
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result()
 
 
 @pytest.fixture
