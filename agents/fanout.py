@@ -46,17 +46,53 @@ class RunHandle:
                 return
 
 
+class _CancelListener:
+    """One control channel per process and event loop: cancels for the runs it holds arrive there.
+
+    A single long-lived receive, rather than one per run, keeps channel-layer connections few and steady.
+    """
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.channel = ""
+        self.runs: dict[str, asyncio.Event] = {}
+
+    async def subscribe(self, thread_id: uuid.UUID) -> asyncio.Event:
+        layer = get_channel_layer()
+        if self.loop is not asyncio.get_running_loop():
+            self.loop, self.runs = asyncio.get_running_loop(), {}
+            self.channel = await layer.new_channel()
+            task = asyncio.create_task(self._listen(), context=contextvars.Context())
+            _RUNS.add(task)
+        cancelled = self.runs[thread_id.hex] = asyncio.Event()
+        await layer.group_add(control_group(thread_id), self.channel)
+        return cancelled
+
+    async def unsubscribe(self, thread_id: uuid.UUID) -> None:
+        self.runs.pop(thread_id.hex, None)
+        await get_channel_layer().group_discard(control_group(thread_id), self.channel)
+
+    async def _listen(self) -> None:
+        layer = get_channel_layer()
+        while True:
+            message = await layer.receive(self.channel)
+            if message.get("type") == "run.cancel" and (run := self.runs.get(message.get("thread", ""))):
+                run.set()
+
+
+_cancels = _CancelListener()
+
+
 async def start_stream(*, thread: Thread, query: str, request_id: str | None = None, listen: bool) -> RunHandle:
     """Save the user's message and start the run in the background (ThreadBusy when one is running)."""
     layer = get_channel_layer()
     group = thread_group(thread.pk)
     # Subscribed before the run starts, so that no cancel can slip in between.
-    control = await layer.new_channel()
-    await layer.group_add(control_group(thread.pk), control)
+    cancelled = await _cancels.subscribe(thread.pk)
     try:
         setup = await prepare_run(thread=thread, query=query)
     except BaseException:
-        await layer.group_discard(control_group(thread.pk), control)
+        await _cancels.unsubscribe(thread.pk)
         raise
     handle = RunHandle(listen=listen)
 
@@ -72,13 +108,10 @@ async def start_stream(*, thread: Thread, query: str, request_id: str | None = N
             logger.exception("Could not publish an event of thread %s", thread.pk)
 
     async def run() -> None:
-        cancelled = asyncio.Event()
-        listener = asyncio.create_task(_listen_for_cancel(control, cancelled))
         try:
             await execute(setup, emit, cancelled)
         finally:
-            listener.cancel()
-            await layer.group_discard(control_group(thread.pk), control)
+            await _cancels.unsubscribe(thread.pk)
 
     # A fresh context: the run must not inherit the request's thread-sensitive executor, which quits with it.
     handle.task = asyncio.create_task(run(), context=contextvars.Context())
@@ -87,15 +120,6 @@ async def start_stream(*, thread: Thread, query: str, request_id: str | None = N
     return handle
 
 
-async def _listen_for_cancel(channel: str, cancelled: asyncio.Event) -> None:
-    layer = get_channel_layer()
-    while True:
-        message = await layer.receive(channel)
-        if message.get("type") == "run.cancel":
-            cancelled.set()
-            return
-
-
 async def request_cancel(thread_id: uuid.UUID) -> None:
     """Stop the run on the thread, in whichever process it runs; nothing happens when none runs."""
-    await get_channel_layer().group_send(control_group(thread_id), {"type": "run.cancel"})
+    await get_channel_layer().group_send(control_group(thread_id), {"type": "run.cancel", "thread": thread_id.hex})

@@ -76,6 +76,9 @@ class ASGIBodyLimit:
         async def replay() -> Message:
             return buffered.pop(0) if buffered else await receive()
 
+        if declared is None:
+            # The body is whole now: say how long it is, or DRF would read a chunked body as empty.
+            scope = {**scope, "headers": [*scope.get("headers", []), (b"content-length", str(size).encode())]}
         return await self.app(scope, replay, send)
 
 

@@ -75,8 +75,9 @@ TEMPLATES = [
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
 
 REDIS_URL = env.str("REDIS_URL", default="")
-# Room for every event of a long answer queued to a slow socket.
-CHANNEL_CAPACITY = env.int("CHANNEL_CAPACITY", default=2000)
+# Messages a channel may queue before sends to it are dropped. channels-redis counts one queue for all the
+# sockets of a process, so this must hold a burst of events of every run the process streams at once.
+CHANNEL_CAPACITY = env.int("CHANNEL_CAPACITY", default=100_000)
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {

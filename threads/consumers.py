@@ -66,13 +66,14 @@ class ThreadConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.thread is None:
             return
+        frame: dict[str, Any] = {}
         try:
             frame = parse_frame(text_data)
             await getattr(self, f"on_{frame['type']}")(frame)
         except ValidationError as exc:
-            await self._send_error(from_drf(exc))
+            await self._send_error(from_drf(exc), frame.get("request_id"))
         except ApplicationError as error:
-            await self._send_error(error)
+            await self._send_error(error, frame.get("request_id"))
 
     async def on_query(self, frame: dict[str, Any]) -> None:
         serializer = QueryFrameSerializer(data=frame)
@@ -90,8 +91,10 @@ class ThreadConsumer(AsyncWebsocketConsumer):
     async def run_event(self, message: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(message["event"], ensure_ascii=False))
 
-    async def _send_error(self, error: ApplicationError) -> None:
-        event = {"event": "error", "error": error.message, "error_type": error.code}
+    async def _send_error(self, error: ApplicationError, request_id: object = None) -> None:
+        event: dict[str, Any] = {"event": "error", "error": error.message, "error_type": error.code}
         if error.details:
             event["details"] = error.details
+        if isinstance(request_id, str):
+            event["request_id"] = request_id
         await self.send(text_data=json.dumps(event, ensure_ascii=False))

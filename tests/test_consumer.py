@@ -1,0 +1,597 @@
+"""The thread websocket, through the real ASGI application: routing, Origin checks, auth, frames and runs."""
+
+import asyncio
+import contextlib
+import copy
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import pytest
+from channels.testing import HttpCommunicator, WebsocketCommunicator
+from django.utils import timezone
+from rest_framework_api_key.models import APIKey
+
+from agents.demo_script import POEM, STORY
+from bankagent.asgi import application
+from threads.models import Message, Thread
+
+# Runs write from other threads than the test's: only a transactional test database sees their rows. The demo
+# customer comes from a data migration, which a transactional test's flush would delete for the tests after it.
+pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+
+TIMEOUT = 5  # seconds for any one frame; a whole run is bounded by RUN_TIMEOUT
+RUN_TIMEOUT = 20
+WRONG_KEY = "AbCdEfGh.ThisIsNotAKeyThisServerIssued0123456789"
+BALANCE = "What is my balance?"
+STREAM_ORDER = ["message_created", "message_started", "text_delta", "message_complete", "done"]
+TOOL_ORDER = [
+    "message_created",
+    "message_started",
+    "tool_call",
+    "tool_result",
+    "text_delta",
+    "message_complete",
+    "done",
+]
+
+
+@dataclass
+class Caller:
+    """An API key holder acting for one end user."""
+
+    key: str
+    api_key: APIKey
+    user_id: uuid.UUID
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"x-api-key", self.key.encode()), (b"x-user-id", str(self.user_id).encode())]
+
+
+class Socket(WebsocketCommunicator):
+    """A communicator that is disconnected once, whether by the test or by the fixture after it."""
+
+    disconnected = False
+
+    async def disconnect(self, code: int = 1000, timeout: float = TIMEOUT) -> None:
+        if not self.disconnected:
+            self.disconnected = True
+            await super().disconnect(code, timeout)
+
+
+@pytest.fixture(autouse=True)
+async def channel_layer_of_this_test(settings, transactional_db):
+    """A fresh channel layer bound to this test's event loop; no run may outlive the test."""
+    settings.CHANNEL_LAYERS = copy.deepcopy(settings.CHANNEL_LAYERS)  # Channels drops its cached layers
+    yield
+    # A run holds its thread's lease until its answer is saved: wait for every lease to be released.
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while await Thread.objects.filter(run_token__isnull=False).aexists():
+        assert time.monotonic() < deadline, "a run was still running when the test ended"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def keys(transactional_db) -> dict[str, str]:
+    _, valid = APIKey.objects.create_key(name="consumer tests")
+    _, revoked = APIKey.objects.create_key(name="revoked", revoked=True)
+    _, expired = APIKey.objects.create_key(name="expired", expiry_date=timezone.now() - timedelta(minutes=1))
+    return {"valid": valid, "revoked": revoked, "expired": expired, "wrong": WRONG_KEY}
+
+
+@pytest.fixture
+def caller(keys, user_id) -> Caller:
+    """The demo customer (John, who has an account) through a valid key."""
+    return Caller(key=keys["valid"], api_key=APIKey.objects.get_from_key(keys["valid"]), user_id=user_id)
+
+
+@pytest.fixture
+def new_thread(transactional_db, user_id):
+    def make(*, user: uuid.UUID | None = None, agent_type: str = "bank_support") -> Thread:
+        return Thread.objects.create(user_id=user or user_id, agent_type=agent_type)
+
+    return make
+
+
+@pytest.fixture
+def thread(new_thread) -> Thread:
+    return new_thread()
+
+
+@pytest.fixture
+def sibling_thread(new_thread) -> Thread:
+    """Another thread of the same user."""
+    return new_thread()
+
+
+@pytest.fixture
+def foreign_thread(new_thread, other_user_id) -> Thread:
+    return new_thread(user=other_user_id)
+
+
+@pytest.fixture
+async def socket():
+    """Open sockets with `socket(path, headers)`; every one is disconnected when the test ends."""
+    opened: list[Socket] = []
+
+    def make(path: str, headers: list[tuple[bytes, bytes]] | None = None) -> Socket:
+        opened.append(Socket(application, path, headers=headers))
+        return opened[-1]
+
+    yield make
+    for communicator in opened:
+        # An application that failed or timed out has already failed the test: its disconnect only re-raises.
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await communicator.disconnect()
+
+
+def thread_path(thread_id: object, ticket: str | None = None) -> str:
+    return f"/ws/v1/threads/{thread_id}/" + (f"?ticket={ticket}" if ticket else "")
+
+
+async def connected(ws: Socket) -> None:
+    """Connect and prove the socket is open and served: a ping is answered."""
+    accepted, _ = await ws.connect(timeout=TIMEOUT)
+    assert accepted
+    await ws.send_json_to({"type": "ping"})
+    assert await ws.receive_json_from(timeout=TIMEOUT) == {"event": "pong"}
+
+
+async def close_code(ws: Socket) -> int:
+    """The close code of a socket refused after the handshake (a close code needs an accepted socket)."""
+    accepted, _ = await ws.connect(timeout=TIMEOUT)
+    assert accepted
+    message = await ws.receive_output(timeout=TIMEOUT)
+    assert message["type"] == "websocket.close", message
+    return message.get("code")
+
+
+async def events_until_done(ws: Socket) -> list[dict]:
+    events: list[dict] = []
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not events or events[-1]["event"] != "done":
+        assert time.monotonic() < deadline, f"no done within {RUN_TIMEOUT}s: {events[-3:]}"
+        events.append(await ws.receive_json_from(timeout=TIMEOUT))
+    return events
+
+
+async def events_until(ws: Socket, name: str, count: int = 1) -> list[dict]:
+    events: list[dict] = []
+    while sum(event["event"] == name for event in events) < count:
+        events.append(await ws.receive_json_from(timeout=TIMEOUT))
+        assert events[-1]["event"] != "done", events
+    return events
+
+
+def shape(events: list[dict]) -> list[str]:
+    """Event names, with a run of text_delta counted once."""
+    names: list[str] = []
+    for event in events:
+        if not (names and names[-1] == event["event"] == "text_delta"):
+            names.append(event["event"])
+    return names
+
+
+async def post(path: str, body: dict, caller: Caller) -> tuple[int, dict[bytes, bytes], bytes]:
+    """A JSON POST through the ASGI application, as a server would run it."""
+    payload = json.dumps(body).encode()
+    headers = [
+        (b"host", b"localhost"),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        *caller.headers(),
+    ]
+    http = HttpCommunicator(application, "POST", path, body=payload, headers=headers)
+    # Read the response by hand: HttpCommunicator.get_response requires a `body` key that ASGI makes optional
+    # (Django ends a streamed response with a body-less message).
+    await http.send_input({"type": "http.request", "body": payload})
+    start = await http.receive_output(timeout=TIMEOUT)
+    assert start["type"] == "http.response.start", start
+    chunks, more = [], True
+    while more:
+        message = await http.receive_output(timeout=TIMEOUT)
+        assert message["type"] == "http.response.body", message
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    await http.wait(TIMEOUT)
+    return start["status"], {name.lower(): value for name, value in start.get("headers", [])}, b"".join(chunks)
+
+
+async def issue_ticket(caller: Caller, thread: Thread) -> str:
+    status, _, body = await post("/api/v1/ws-tickets", {"thread_id": str(thread.pk)}, caller)
+    assert status == 201, body
+    return json.loads(body)["ticket"]
+
+
+async def nothing_written(thread: Thread) -> None:
+    assert await Message.objects.filter(thread=thread).acount() == 0
+    fresh = await Thread.objects.aget(pk=thread.pk)
+    assert (fresh.last_seq, fresh.run_token) == (0, None)
+
+
+async def answer_of(thread: Thread) -> Message:
+    return await Message.objects.aget(thread=thread, role=Message.Role.ASSISTANT)
+
+
+# Header authentication
+
+
+async def test_header_auth_connects(socket, caller, thread):
+    ws = socket(thread_path(thread.pk), caller.headers())
+    await connected(ws)
+    await ws.disconnect()
+
+
+async def test_any_uuid_spelling_of_the_user_id_opens_the_users_thread(socket, caller, thread):
+    headers = [(b"x-api-key", caller.key.encode()), (b"x-user-id", caller.user_id.hex.upper().encode())]
+    ws = socket(thread_path(thread.pk), headers)
+    await connected(ws)
+    await ws.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("key", "user"),
+    [
+        pytest.param(None, "user", id="no_key"),
+        pytest.param("wrong", "user", id="wrong_key"),
+        pytest.param("revoked", "user", id="revoked_key"),
+        pytest.param("expired", "user", id="expired_key"),
+        pytest.param("valid", None, id="no_user_id"),
+        pytest.param("valid", "not-a-uuid", id="bad_user_id"),
+        pytest.param(None, None, id="no_credentials"),
+    ],
+)
+async def test_bad_credentials_close_with_4401(socket, keys, user_id, thread, key, user):
+    headers = []
+    if key:
+        headers.append((b"x-api-key", keys[key].encode()))
+    if user:
+        headers.append((b"x-user-id", (str(user_id) if user == "user" else user).encode()))
+    ws = socket(thread_path(thread.pk), headers)
+    assert await close_code(ws) == 4401
+    await ws.disconnect()
+
+
+async def test_unknown_thread_closes_with_4404(socket, caller):
+    ws = socket(thread_path(uuid.uuid4()), caller.headers())
+    assert await close_code(ws) == 4404
+    await ws.disconnect()
+
+
+async def test_another_users_thread_closes_with_4404(socket, caller, foreign_thread):
+    ws = socket(thread_path(foreign_thread.pk), caller.headers())
+    assert await close_code(ws) == 4404
+    await ws.disconnect()
+
+
+async def test_non_uuid_thread_id_closes_with_4404(socket, caller):
+    ws = socket(thread_path("not-a-uuid"), caller.headers())
+    assert await close_code(ws) == 4404
+    await ws.disconnect()
+
+
+# Tickets
+
+
+async def test_ticket_endpoint_issues_a_ticket_for_ones_own_thread(caller, thread):
+    status, headers, body = await post("/api/v1/ws-tickets", {"thread_id": str(thread.pk)}, caller)
+
+    assert status == 201, body
+    assert headers[b"content-type"].startswith(b"application/json")
+    answer = json.loads(body)
+    assert set(answer) == {"ticket", "expires_at"}
+    assert isinstance(answer["ticket"], str) and len(answer["ticket"]) >= 20
+    lifetime = datetime.fromisoformat(answer["expires_at"]) - timezone.now()
+    assert timedelta(seconds=50) < lifetime <= timedelta(seconds=61)
+
+
+async def test_ticket_endpoint_answers_404_for_another_users_thread(caller, foreign_thread):
+    status, _, body = await post("/api/v1/ws-tickets", {"thread_id": str(foreign_thread.pk)}, caller)
+
+    assert status == 404, body
+    assert json.loads(body)["error"]["code"] == "not_found"
+
+
+async def test_valid_ticket_connects_without_headers(socket, caller, thread):
+    ticket = await issue_ticket(caller, thread)
+    ws = socket(thread_path(thread.pk, ticket))
+    await connected(ws)
+    await ws.disconnect()
+
+
+async def test_ticket_is_single_use(socket, caller, thread):
+    ticket = await issue_ticket(caller, thread)
+    first = socket(thread_path(thread.pk, ticket))
+    await connected(first)
+    await first.disconnect()
+
+    second = socket(thread_path(thread.pk, ticket))
+    assert await close_code(second) == 4401
+    await second.disconnect()
+
+
+async def test_unknown_ticket_closes_with_4401(socket, thread):
+    ws = socket(thread_path(thread.pk, "not-a-ticket-this-server-issued"))
+    assert await close_code(ws) == 4401
+    await ws.disconnect()
+
+
+async def test_expired_ticket_closes_with_4401(socket, caller, thread, settings):
+    settings.WS_TICKET_SECONDS = 1
+    in_time, late = await issue_ticket(caller, thread), await issue_ticket(caller, thread)
+    ws = socket(thread_path(thread.pk, in_time))
+    await connected(ws)  # the same kind of ticket works within its lifetime
+    await ws.disconnect()
+
+    await asyncio.sleep(1.5)
+
+    ws = socket(thread_path(thread.pk, late))
+    assert await close_code(ws) == 4401
+    await ws.disconnect()
+
+
+async def test_ticket_for_one_thread_does_not_open_another(socket, caller, thread, sibling_thread):
+    # The same user's thread: only the ticket's binding to its thread refuses it.
+    ticket = await issue_ticket(caller, thread)
+    ws = socket(thread_path(sibling_thread.pk, ticket))
+    assert await close_code(ws) == 4401
+    await ws.disconnect()
+
+
+async def test_ticket_dies_with_its_revoked_api_key(socket, caller, thread):
+    ticket = await issue_ticket(caller, thread)
+    await APIKey.objects.filter(pk=caller.api_key.pk).aupdate(revoked=True)
+
+    ws = socket(thread_path(thread.pk, ticket))
+    assert await close_code(ws) == 4401
+    await ws.disconnect()
+
+
+# Origin and routing
+
+
+@pytest.mark.parametrize("origin", ["http://localhost", "http://127.0.0.1:8000"])
+async def test_allowed_origin_connects(socket, caller, thread, origin):
+    ticket = await issue_ticket(caller, thread)  # a browser: Origin and a ticket, no headers of its own
+    ws = socket(thread_path(thread.pk, ticket), [(b"origin", origin.encode())])
+    await connected(ws)
+    await ws.disconnect()
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "http://localhost.evil.example", "null"])
+async def test_foreign_origin_is_refused_at_the_handshake(socket, caller, thread, origin):
+    ws = socket(thread_path(thread.pk), [(b"origin", origin.encode()), *caller.headers()])
+    accepted, _ = await ws.connect(timeout=TIMEOUT)
+    assert accepted is False
+    await ws.disconnect()
+
+
+async def test_no_origin_connects_with_headers(socket, caller, thread):
+    ws = socket(thread_path(thread.pk), caller.headers())
+    assert not any(name == b"origin" for name, _ in ws.scope["headers"])
+    await connected(ws)
+    await ws.disconnect()
+
+
+@pytest.mark.parametrize("path", ["/ws/v1/nope/", "/ws/v1/threads/", "/ws/v2/threads/{id}/", "/api/v1/threads"])
+async def test_unknown_websocket_path_is_refused_at_the_handshake(socket, caller, thread, path):
+    ws = socket(path.format(id=thread.pk), caller.headers())
+    accepted, _ = await ws.connect(timeout=TIMEOUT)  # raises if the router fails instead of refusing
+    assert accepted is False
+    await ws.disconnect()
+
+
+# Frames
+
+
+async def test_ping_gets_pong(socket, caller, thread):
+    ws = socket(thread_path(thread.pk), caller.headers())
+    assert (await ws.connect(timeout=TIMEOUT))[0]
+    await ws.send_json_to({"type": "ping"})
+    assert await ws.receive_json_from(timeout=TIMEOUT) == {"event": "pong"}
+    await ws.disconnect()
+
+
+async def test_query_streams_contract_events_in_order(socket, caller, thread):
+    ws = socket(thread_path(thread.pk), caller.headers())
+    await connected(ws)
+
+    await ws.send_json_to({"type": "query", "query": BALANCE, "request_id": "req-42"})
+    events = await events_until_done(ws)
+    await ws.disconnect()
+
+    assert shape(events) == TOOL_ORDER
+    assert all(event.get("request_id") == "req-42" for event in events)
+    question, answer = [m async for m in Message.objects.filter(thread=thread).order_by("seq")]
+    assert events[0]["message"]["id"] == str(question.id) and events[0]["message"]["role"] == "user"
+    assert {event["message_id"] for event in events[1:-1]} == {str(answer.id)}
+    tool_call, tool_result = events[2], events[3]
+    assert tool_call["tool_call"] == {"name": "customer_balance", "args": {"include_pending": False}}
+    assert tool_result["tool_result"]["name"] == "customer_balance"
+    assert "1123.45" in json.dumps(tool_result["tool_result"])  # John's balance, read by the real tool
+    tokens = [json.loads(event["token"]) for event in events if event["event"] == "text_delta"]
+    assert len(tokens) > 1
+    # Only the fields the model has produced so far: no default stands in for block_card.
+    assert set(tokens[0]) == {"support_advice"}
+    assert tokens[-1] == answer.output
+    assert answer.status == Message.Status.COMPLETE
+    assert answer.output["support_advice"] == "John, your current balance is $1,123.45."
+
+
+BAD_FRAMES = [
+    pytest.param({"bytes_data": b'{"type": "ping"}'}, id="binary"),
+    pytest.param({"text_data": "What is my balance?"}, id="not_json"),
+    pytest.param({"text_data": '["query", "What is my balance?"]'}, id="not_an_object"),
+    pytest.param({"text_data": '{"query": "What is my balance?"}'}, id="no_type"),
+    pytest.param({"text_data": '{"type": "delete_thread"}'}, id="unknown_type"),
+    pytest.param({"text_data": '{"type": "query", "query": "What is my balance?", "n": NaN}'}, id="nan"),
+]
+
+
+@pytest.mark.parametrize("frame", BAD_FRAMES)
+async def test_bad_frame_gets_bad_frame_error_and_socket_stays_open(socket, caller, thread, frame):
+    ws = socket(thread_path(thread.pk), caller.headers())
+    await connected(ws)
+
+    await ws.send_to(**frame)
+    error = await ws.receive_json_from(timeout=TIMEOUT)
+    await ws.send_json_to({"type": "ping"})
+    after = await ws.receive_json_from(timeout=TIMEOUT)
+    await ws.disconnect()
+
+    assert error["event"] == "error" and error["error_type"] == "bad_frame", error
+    assert isinstance(error["error"], str) and error["error"]
+    assert after == {"event": "pong"}
+    await nothing_written(thread)
+
+
+def frame_of_size(size: int) -> str:
+    head, tail = '{"type": "query", "query": "', '"}'
+    return head + "a" * (size - len(head) - len(tail)) + tail
+
+
+INVALID_QUERIES = [
+    pytest.param(json.dumps({"type": "query", "query": ""}), "validation_error", id="empty"),
+    pytest.param(json.dumps({"type": "query", "query": "   \n\t "}), "validation_error", id="blank"),
+    pytest.param(json.dumps({"type": "query"}), "validation_error", id="missing"),
+    pytest.param(json.dumps({"type": "query", "query": 12}), "validation_error", id="not_a_string"),
+    pytest.param(json.dumps({"type": "query", "query": "a" * 8_001}), "query_too_long", id="8001_chars"),
+    pytest.param(json.dumps({"type": "query", "query": "my\x00balance"}), "invalid_text", id="nul"),
+    pytest.param(json.dumps({"type": "query", "query": "my \ud800 balance"}), "invalid_text", id="lone_surrogate"),
+    # 65,536 bytes are read (and then refused for their length); one byte more is not read at all.
+    pytest.param(frame_of_size(65_536), "query_too_long", id="frame_of_65536_bytes"),
+    pytest.param(frame_of_size(65_537), "payload_too_large", id="frame_of_65537_bytes"),
+]
+
+
+@pytest.mark.parametrize(("text", "code"), INVALID_QUERIES)
+async def test_invalid_query_gets_the_http_error_code(socket, caller, thread, text, code):
+    assert len(text.encode("utf-8", "surrogatepass")) <= 65_537
+    ws = socket(thread_path(thread.pk), caller.headers())
+    await connected(ws)
+
+    await ws.send_to(text_data=text)
+    error = await ws.receive_json_from(timeout=TIMEOUT)
+    await ws.send_json_to({"type": "ping"})
+    after = await ws.receive_json_from(timeout=TIMEOUT)
+    await ws.disconnect()
+
+    assert error["event"] == "error" and error["error_type"] == code, error
+    assert after == {"event": "pong"}
+    await nothing_written(thread)
+
+
+# Runs
+
+
+async def test_second_query_while_running_gets_thread_busy(socket, caller, thread, settings):
+    settings.DEMO_MODEL_DELAY_MS = 20  # about two seconds for the poem
+    ws = socket(thread_path(thread.pk), caller.headers())
+    await connected(ws)
+
+    await ws.send_json_to({"type": "query", "query": "Write me a poem"})
+    events = await events_until(ws, "message_started")
+    await ws.send_json_to({"type": "query", "query": BALANCE})
+    events += await events_until_done(ws)
+    await ws.disconnect()
+
+    errors = [event for event in events if event["event"] == "error"]
+    assert [error["error_type"] for error in errors] == ["thread_busy"]
+    assert shape([event for event in events if event["event"] != "error"]) == STREAM_ORDER
+    messages = [m async for m in Message.objects.filter(thread=thread).order_by("seq")]
+    assert [(m.role, m.status) for m in messages] == [("user", "complete"), ("assistant", "complete")]
+    assert messages[1].output["support_advice"] == POEM
+
+
+async def test_cancel_stops_the_run_and_saves_the_partial_answer(socket, caller, thread, settings):
+    settings.DEMO_MODEL_DELAY_MS = 30  # the whole story would take about six seconds
+    ws = socket(thread_path(thread.pk), caller.headers())
+    await connected(ws)
+
+    await ws.send_json_to({"type": "query", "query": "Tell me a story"})
+    events = await events_until(ws, "text_delta", count=3)
+    cancelled_at = time.monotonic()
+    await ws.send_json_to({"type": "cancel"})
+    events += await events_until_done(ws)
+    stopped_after = time.monotonic() - cancelled_at
+
+    assert stopped_after < 1.5, f"the run went on for {stopped_after:.1f}s after the cancel"
+    assert shape(events) == STREAM_ORDER
+    answer = await answer_of(thread)
+    assert answer.status == Message.Status.INCOMPLETE
+    assert json.loads(answer.content) == answer.output
+    partial = answer.output["support_advice"]
+    assert partial and STORY.startswith(partial) and len(partial) < len(STORY) / 2
+    last_seen = json.loads([event for event in events if event["event"] == "text_delta"][-1]["token"])
+    assert partial.startswith(last_seen["support_advice"])
+    # The thread is free again at once.
+    await ws.send_json_to({"type": "query", "query": BALANCE})
+    assert shape(await events_until_done(ws)) == TOOL_ORDER
+    await ws.disconnect()
+
+
+async def test_cancel_with_nothing_running_does_nothing(socket, caller, thread):
+    ws = socket(thread_path(thread.pk), caller.headers())
+    await connected(ws)
+
+    await ws.send_json_to({"type": "cancel"})
+    assert await ws.receive_nothing(timeout=0.3)
+    await ws.send_json_to({"type": "ping"})
+    assert await ws.receive_json_from(timeout=TIMEOUT) == {"event": "pong"}
+    await nothing_written(thread)
+    # Nor is the cancel kept for the next run.
+    await ws.send_json_to({"type": "query", "query": BALANCE})
+    events = await events_until_done(ws)
+    await ws.disconnect()
+
+    assert shape(events) == TOOL_ORDER
+    assert (await answer_of(thread)).status == Message.Status.COMPLETE
+
+
+async def test_every_socket_on_the_thread_receives_the_same_events(socket, caller, thread, sibling_thread):
+    first, second = socket(thread_path(thread.pk), caller.headers()), socket(thread_path(thread.pk), caller.headers())
+    elsewhere = socket(thread_path(sibling_thread.pk), caller.headers())
+    for ws in (first, second, elsewhere):
+        await connected(ws)
+
+    await first.send_json_to({"type": "query", "query": BALANCE, "request_id": "from-first"})
+    sent_to_first, sent_to_second = await events_until_done(first), await events_until_done(second)
+
+    assert shape(sent_to_first) == TOOL_ORDER
+    assert sent_to_second == sent_to_first
+    assert await elsewhere.receive_nothing(timeout=0.2)
+    for ws in (first, second, elsewhere):
+        await ws.disconnect()
+
+
+async def test_socket_leaving_mid_run_does_not_lose_the_answer(socket, caller, thread, settings):
+    settings.DEMO_MODEL_DELAY_MS = 10
+    ws = socket(thread_path(thread.pk), caller.headers())
+    await connected(ws)
+    await ws.send_json_to({"type": "query", "query": "Write me a poem"})
+    await events_until(ws, "text_delta")
+    await ws.disconnect()
+
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while (answer := await answer_of(thread)).status != Message.Status.COMPLETE:
+        assert time.monotonic() < deadline, f"the answer is still {answer.status}"
+        await asyncio.sleep(0.05)
+    assert answer.output["support_advice"] == POEM
+    assert json.loads(answer.content) == answer.output
+
+
+async def test_run_started_over_http_streams_to_the_threads_sockets(socket, caller, thread):
+    ws = socket(thread_path(thread.pk), caller.headers())
+    await connected(ws)
+
+    status, headers, body = await post("/api/v1/agent/stream", {"thread_id": str(thread.pk), "query": BALANCE}, caller)
+    over_http = [json.loads(line) for line in body.decode().splitlines()]
+    over_socket = await events_until_done(ws)
+    await ws.disconnect()
+
+    assert status == 200, body
+    assert headers[b"content-type"].startswith(b"application/x-ndjson")
+    assert shape(over_http) == TOOL_ORDER
+    assert over_socket == over_http
