@@ -974,3 +974,19 @@ async def test_asgi_application_refuses_a_chunked_body_over_the_limit():
     assert start["status"] == 413
     assert json.loads(body["body"])["error"]["code"] == "payload_too_large"
     await communicator.wait(timeout=5)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_asgi_application_reads_a_chunked_body_within_the_limit(api_key):
+    """A body sent without Content-Length is counted, then parsed whole, not taken for an empty one."""
+    headers = [(b"host", b"localhost"), (b"x-api-key", api_key.encode()), (b"x-user-id", str(uuid.uuid4()).encode())]
+    communicator = ApplicationCommunicator(application, http_scope(headers))
+    await communicator.send_input({"type": "http.request", "body": b'{"agent_type": ', "more_body": True})
+    await communicator.send_input({"type": "http.request", "body": b'"general_chat"}', "more_body": False})
+
+    start = await communicator.receive_output(timeout=5)
+    body = await communicator.receive_output(timeout=5)
+
+    assert start["status"] == 201, body
+    assert json.loads(body["body"])["agent_type"] == "general_chat"
+    await communicator.wait(timeout=5)
