@@ -1,3 +1,4 @@
+import importlib
 import uuid
 
 import pytest
@@ -26,6 +27,16 @@ def _close_worker_thread_connections():
     # Async code reaches the database from asgiref's worker thread; its connection must not outlive the test
     # database (PostgreSQL refuses to drop a database still in use).
     SyncToAsync.single_thread_executor.submit(connections.close_all).result()
+
+
+@pytest.fixture
+def demo_customer(transactional_db):
+    """John, as the data migration seeds him: a transactional test's flush empties every table."""
+    from django.apps import apps
+
+    seed = importlib.import_module("agents.migrations.0002_seed_demo_customer")
+    seed.create_demo_customer(apps, None)
+    return apps.get_model("agents", "Customer").objects.get(user_id=DEMO_USER_ID)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from threads.models import Message, Thread
 
 # Runs write from other threads than the test's: only a transactional test database sees their rows. The demo
 # customer comes from a data migration, which a transactional test's flush would delete for the tests after it.
-pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+pytestmark = pytest.mark.django_db(transaction=True)
 
 TIMEOUT = 5  # seconds for any one frame; a whole run is bounded by RUN_TIMEOUT
 RUN_TIMEOUT = 20
@@ -88,7 +88,7 @@ def caller(keys, user_id) -> Caller:
 
 
 @pytest.fixture
-def new_thread(transactional_db, user_id):
+def new_thread(demo_customer, user_id):
     def make(*, user: uuid.UUID | None = None, agent_type: str = "bank_support") -> Thread:
         return Thread.objects.create(user_id=user or user_id, agent_type=agent_type)
 

@@ -13,7 +13,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
-from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -26,7 +25,6 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from rest_framework_api_key.models import APIKey
 
 from agents import demo_script
-from agents.models import Customer
 from bankagent.asgi import application
 from threads.models import Message, Thread
 
@@ -46,15 +44,6 @@ SUPPORT_FIELDS = ["support_advice", "block_card", "risk_level", "follow_up_actio
 def api_key(transactional_db) -> str:
     _, key = APIKey.objects.create_key(name="streaming tests")
     return key
-
-
-@pytest.fixture
-def demo_customer(transactional_db, user_id) -> Customer:
-    """John, as the data migration seeds him: an earlier transactional test's flush may have removed him."""
-    customer, _ = Customer.objects.get_or_create(
-        user_id=user_id, defaults={"name": "John", "balance": Decimal("1123.45"), "pending": Decimal("-4.50")}
-    )
-    return customer
 
 
 @pytest.fixture
