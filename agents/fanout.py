@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator
 
 from channels.layers import get_channel_layer
 
-from agents.runner import prepare_run
+from agents.runner import finish_failed, prepare_run
 from agents.streaming import Event, execute
+from bankagent.exceptions import ServiceUnavailable
 from threads.models import Thread
 
 logger = logging.getLogger(__name__)
@@ -58,12 +59,14 @@ class _CancelListener:
         self.runs: dict[str, asyncio.Event] = {}
 
     async def subscribe(self, thread_id: uuid.UUID) -> asyncio.Event:
+        """Only the holder of the thread's run lease subscribes, so the thread's entry is its own."""
         layer = get_channel_layer()
-        if self.loop is not asyncio.get_running_loop():
-            self.loop, self.runs = asyncio.get_running_loop(), {}
-            self.channel = await layer.new_channel()
-            task = asyncio.create_task(self._listen(), context=contextvars.Context())
-            _RUNS.add(task)
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:
+            channel = await layer.new_channel()
+            if self.loop is not loop:  # another run may have set it up while we waited
+                self.loop, self.channel, self.runs = loop, channel, {}
+                _RUNS.add(asyncio.create_task(self._listen(), context=contextvars.Context()))
         cancelled = self.runs[thread_id.hex] = asyncio.Event()
         await layer.group_add(control_group(thread_id), self.channel)
         return cancelled
@@ -87,13 +90,14 @@ async def start_stream(*, thread: Thread, query: str, request_id: str | None = N
     """Save the user's message and start the run in the background (ThreadBusy when one is running)."""
     layer = get_channel_layer()
     group = thread_group(thread.pk)
-    # Subscribed before the run starts, so that no cancel can slip in between.
-    cancelled = await _cancels.subscribe(thread.pk)
+    setup = await prepare_run(thread=thread, query=query)
+    # Subscribed before the run emits its first event: a client cannot cancel a run it has not seen yet.
     try:
-        setup = await prepare_run(thread=thread, query=query)
-    except BaseException:
-        await _cancels.unsubscribe(thread.pk)
-        raise
+        cancelled = await _cancels.subscribe(thread.pk)
+    except Exception as exc:
+        error = ServiceUnavailable()
+        await finish_failed(setup, error=error)
+        raise error from exc
     handle = RunHandle(listen=listen)
 
     async def emit(event: Event) -> None:

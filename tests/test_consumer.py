@@ -532,6 +532,25 @@ async def test_cancel_stops_the_run_and_saves_the_partial_answer(socket, caller,
     await ws.disconnect()
 
 
+async def test_a_refused_second_query_does_not_stop_the_run_from_being_cancelled(socket, caller, thread, settings):
+    settings.DEMO_MODEL_DELAY_MS = 30
+    ws = socket(thread_path(thread.pk), caller.headers())
+    await connected(ws)
+    await ws.send_json_to({"type": "query", "query": "Tell me a story"})
+    events = await events_until(ws, "text_delta", count=2)
+
+    await ws.send_json_to({"type": "query", "query": "And another one"})
+    events += await events_until(ws, "error")
+    assert events[-1]["error_type"] == "thread_busy"
+    cancelled_at = time.monotonic()
+    await ws.send_json_to({"type": "cancel"})
+    events += await events_until_done(ws)
+
+    assert time.monotonic() - cancelled_at < 1.5
+    assert (await answer_of(thread)).status == Message.Status.INCOMPLETE
+    await ws.disconnect()
+
+
 async def test_cancel_with_nothing_running_does_nothing(socket, caller, thread):
     ws = socket(thread_path(thread.pk), caller.headers())
     await connected(ws)
