@@ -116,8 +116,15 @@ def usage_metadata(usage: RunUsage) -> dict[str, int]:
     }
 
 
-async def _finish(setup: RunSetup, *, status: str, content: str, output: Any, **fields: Any) -> Message:
-    model_messages = fields.pop("model_messages", None)
+async def _finish(
+    setup: RunSetup,
+    *,
+    status: str,
+    content: str,
+    output: Any,
+    model_messages: list[Any] | None = None,
+    **fields: Any,
+) -> Message:
     metadata = {"model": setup.model_label, "duration_ms": round((time.monotonic() - setup.started) * 1000)}
     return await sync_to_async(turn_finish)(
         message=setup.turn.assistant_message,

@@ -78,6 +78,14 @@ async def agent_events(setup: RunSetup, progress: Progress) -> AsyncIterator[Eve
     progress.result = run.result
 
 
+def error_event(error: ApplicationError, **extra: Any) -> Event:
+    """The contract's error event: the same code and message as the HTTP error, under the seed's names."""
+    event: Event = {"event": "error", "error": error.message, "error_type": error.code, **extra}
+    if error.details:
+        event["details"] = error.details
+    return event
+
+
 def _timing(setup: RunSetup, progress: Progress) -> dict[str, int]:
     if progress.first_token_at is None:
         return {}
@@ -111,8 +119,7 @@ async def execute(setup: RunSetup, emit: Emit, cancelled: asyncio.Event) -> None
         except Exception:
             # Whatever failed, the clients must not wait for a `done` that never comes.
             logger.exception("Could not save the answer of thread %s", setup.turn.thread.pk)
-            error = ApplicationError()
-            await emit({"event": "error", "message_id": message_id, "error": error.message, "error_type": error.code})
+            await emit(error_event(ApplicationError(), message_id=message_id))
             await emit({"event": "done"})
 
 
@@ -124,7 +131,7 @@ async def _save(setup: RunSetup, progress: Progress, model_task: asyncio.Task, e
     elif (exc := model_task.exception()) is not None:
         error = model_failure(exc)
         await finish_failed(setup, error=error, content=progress.text, **timing)
-        await emit({"event": "error", "message_id": message_id, "error": error.message, "error_type": error.code})
+        await emit(error_event(error, message_id=message_id))
         await emit({"event": "done"})
         return
     else:

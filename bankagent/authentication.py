@@ -32,15 +32,18 @@ def parse_user_id(raw: str | None) -> uuid.UUID:
         raise InvalidUserId() from exc
 
 
+def _unexpired(key: APIKey | None) -> APIKey | None:
+    return None if key is None or key.has_expired else key
+
+
 def api_key_from(raw: str | None) -> APIKey | None:
     """The usable key matching `raw`, or None. The hash comparison runs in constant time."""
     if not raw:
         return None
     try:
-        key = APIKey.objects.get_from_key(raw.strip())
+        return _unexpired(APIKey.objects.get_from_key(raw.strip()))
     except APIKey.DoesNotExist:
         return None
-    return None if key.has_expired else key
 
 
 class APIKeyAuthentication(BaseAuthentication):
@@ -59,8 +62,7 @@ class APIKeyAuthentication(BaseAuthentication):
 
 
 def _usable_key_id(api_key_id: str | None) -> bool:
-    key = APIKey.objects.get_usable_keys().filter(pk=api_key_id).first()
-    return key is not None and not key.has_expired
+    return _unexpired(APIKey.objects.get_usable_keys().filter(pk=api_key_id).first()) is not None
 
 
 async def authenticate_socket(scope: dict, thread_id: uuid.UUID) -> Principal | None:

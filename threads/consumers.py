@@ -9,6 +9,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from rest_framework.exceptions import ValidationError
 
 from agents.fanout import request_cancel, start_stream, thread_group
+from agents.streaming import error_event
 from bankagent.authentication import authenticate_socket
 from bankagent.exceptions import ApplicationError, BadFrame, NotFound, PayloadTooLarge, from_drf
 from bankagent.parsers import loads_strict
@@ -92,9 +93,5 @@ class ThreadConsumer(AsyncWebsocketConsumer):
         await self.send(text_data=json.dumps(message["event"], ensure_ascii=False))
 
     async def _send_error(self, error: ApplicationError, request_id: object = None) -> None:
-        event: dict[str, Any] = {"event": "error", "error": error.message, "error_type": error.code}
-        if error.details:
-            event["details"] = error.details
-        if isinstance(request_id, str):
-            event["request_id"] = request_id
-        await self.send(text_data=json.dumps(event, ensure_ascii=False))
+        extra = {"request_id": request_id} if isinstance(request_id, str) else {}
+        await self.send(text_data=json.dumps(error_event(error, **extra), ensure_ascii=False))

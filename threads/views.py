@@ -1,4 +1,5 @@
 import json
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from bankagent.exceptions import unknown_agent_type
 from bankagent.pagination import KeysetPaginator
 from bankagent.tickets import ticket_issue
 from threads import selectors, services
+from threads.models import Thread
 from threads.serializers import (
     AgentQuerySerializer,
     AgentResponseSerializer,
@@ -44,12 +46,16 @@ def validated(serializer_class: type, data: Any, **context: Any) -> dict[str, An
     return serializer.validated_data
 
 
+def own_thread(request: Request, thread_id: uuid.UUID) -> Thread:
+    """The caller's end user's thread; anyone else's is a 404."""
+    return selectors.thread_get_for_user(thread_id=thread_id, user_id=request.user.user_id)
+
+
 class ThreadViewSet(viewsets.ViewSet):
     lookup_value_regex = "[^/]+"
 
-    def _thread(self, request: Request, pk: str) -> Any:
-        thread_id = selectors.parse_thread_id(pk)
-        return selectors.thread_get_for_user(thread_id=thread_id, user_id=request.user.user_id)
+    def _thread(self, request: Request, pk: str) -> Thread:
+        return own_thread(request, selectors.parse_thread_id(pk))
 
     @extend_schema(
         parameters=[*PAGE_PARAMETERS, OpenApiParameter("agent_type", str)], responses=ThreadSerializer(many=True)
@@ -102,7 +108,7 @@ class AgentViewSet(viewsets.ViewSet):
     @action(detail=False, methods=["post"])
     def query(self, request: Request) -> Response:
         data = validated(AgentQuerySerializer, request.data)
-        thread = selectors.thread_get_for_user(thread_id=data["thread_id"], user_id=request.user.user_id)
+        thread = own_thread(request, data["thread_id"])
         turn = async_to_sync(run_query)(thread=thread, query=data["query"])
         return Response(AgentResponseSerializer(turn).data)
 
@@ -110,7 +116,7 @@ class AgentViewSet(viewsets.ViewSet):
     @action(detail=False, methods=["post"])
     def stream(self, request: Request) -> StreamingHttpResponse:
         data = validated(AgentQuerySerializer, request.data)
-        thread = selectors.thread_get_for_user(thread_id=data["thread_id"], user_id=request.user.user_id)
+        thread = own_thread(request, data["thread_id"])
         # Under ASGI this runs in the server's event loop, so the run outlives this request if the client goes.
         handle = async_to_sync(start_stream)(thread=thread, query=data["query"], listen=True)
         response = StreamingHttpResponse(ndjson(handle.events()), content_type="application/x-ndjson")
@@ -122,7 +128,7 @@ class AgentViewSet(viewsets.ViewSet):
     @action(detail=False, methods=["post"])
     def ticket(self, request: Request) -> Response:
         data = validated(TicketRequestSerializer, request.data)
-        thread = selectors.thread_get_for_user(thread_id=data["thread_id"], user_id=request.user.user_id)
+        thread = own_thread(request, data["thread_id"])
         ticket, expires_at = ticket_issue(
             api_key_id=request.user.api_key_id, user_id=thread.user_id, thread_id=thread.pk
         )
