@@ -18,7 +18,8 @@ run: export DJANGO_DEBUG ?= on
 run: $(BIN)/.installed
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py create_api_key dev --if-none
-	@echo "Serving on http://$(HOST):$(PORT)/  (API docs: http://$(HOST):$(PORT)/api/docs/)"
+	$(BIN)/python manage.py create_demo_login
+	@echo "Serving on http://$(HOST):$(PORT)/  (chat: http://$(HOST):$(PORT)/chat/, API docs: http://$(HOST):$(PORT)/api/docs/)"
 	$(BIN)/daphne -b $(HOST) -p $(PORT) bankagent.asgi:application
 
 # Tests run with DEBUG off, as in production, so they need a secret of their own.

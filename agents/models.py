@@ -1,8 +1,12 @@
 """The bank's customer data that the bank support agent's tools look up."""
 
+import uuid
 from decimal import Decimal
 
 from django.db import models
+
+# The customer the data migration seeds, whom the examples and the demo login act for.
+DEMO_USER_ID = uuid.UUID("123e4567-e89b-12d3-a456-426614174000")
 
 
 class Customer(models.Model):

@@ -1,16 +1,18 @@
-"""API-key authentication: the key names the caller, X-User-ID the end user it acts for."""
+"""Who a request acts for: an API key holder and the end user it names, or a signed-in user of the chat page."""
 
 import uuid
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
-from rest_framework.authentication import BaseAuthentication
+from rest_framework import exceptions as drf
+from rest_framework.authentication import BaseAuthentication, SessionAuthentication
 from rest_framework.request import Request
 from rest_framework_api_key.models import APIKey
 
-from bankagent.exceptions import AuthenticationFailed, InvalidUserId
+from bankagent.exceptions import AuthenticationFailed, CsrfFailed, InvalidUserId
 from bankagent.tickets import ticket_redeem
+from chat.services import profile_user_id
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,7 @@ class Principal:
 
     user_id: uuid.UUID
     api_key_id: str | None = None
+    """None for a signed-in user of the chat page."""
     is_authenticated: bool = True
 
 
@@ -61,12 +64,38 @@ class APIKeyAuthentication(BaseAuthentication):
         return "X-API-Key"
 
 
+class SessionUserAuthentication(SessionAuthentication):
+    """The chat page's calls: the Django session's user, acting as its profile's end user. CSRF is enforced."""
+
+    def authenticate(self, request: Request) -> tuple[Principal, None] | None:
+        user = getattr(request._request, "user", None)
+        if user is None or not user.is_active:
+            return None
+        self.enforce_csrf(request)
+        return Principal(user_id=profile_user_id(user=user)), None
+
+    def enforce_csrf(self, request: Request) -> None:
+        try:
+            super().enforce_csrf(request)
+        except drf.PermissionDenied as exc:
+            raise CsrfFailed() from exc
+
+
+def _session_user_id(user: object) -> uuid.UUID | None:
+    if user is None or not getattr(user, "is_active", False):
+        return None
+    return profile_user_id(user=user)
+
+
 def _usable_key_id(api_key_id: str | None) -> bool:
     return _unexpired(APIKey.objects.get_usable_keys().filter(pk=api_key_id).first()) is not None
 
 
 async def authenticate_socket(scope: dict, thread_id: uuid.UUID) -> Principal | None:
-    """Who a websocket handshake acts for: a single-use ticket for this thread, or the API headers."""
+    """Who a websocket handshake acts for: a single-use ticket for this thread, the API headers, or the session.
+
+    The session needs no CSRF token here: browsers always send Origin, which must name one of our hosts.
+    """
     headers = {name.decode("latin1").lower(): value.decode("latin1") for name, value in scope.get("headers", [])}
     tickets = parse_qs(scope.get("query_string", b"").decode("latin1")).get("ticket")
     if tickets:
@@ -77,6 +106,9 @@ async def authenticate_socket(scope: dict, thread_id: uuid.UUID) -> Principal | 
         if not await database_sync_to_async(_usable_key_id)(ticket.api_key_id):
             return None
         return Principal(user_id=ticket.user_id, api_key_id=ticket.api_key_id)
+    if "x-api-key" not in headers:
+        user_id = await database_sync_to_async(_session_user_id)(scope.get("user"))
+        return None if user_id is None else Principal(user_id=user_id)
     key = await database_sync_to_async(api_key_from)(headers.get("x-api-key"))
     if key is None:
         return None

@@ -43,6 +43,7 @@ InvalidCursor = _error(400, "invalid_cursor", "The cursor is not one this server
 BadHost = _error(400, "bad_host", "The Host header names a host this server does not serve.")
 NotAuthenticated = _error(401, "not_authenticated", "An X-API-Key header is required.")
 AuthenticationFailed = _error(401, "authentication_failed", "The API key is invalid, revoked or expired.")
+CsrfFailed = _error(403, "csrf_failed", "The CSRF token is missing or wrong: reload the page and try again.")
 NotFound = _error(404, "not_found", "Not found.")
 MethodNotAllowed = _error(405, "method_not_allowed", "This method is not allowed here.")
 ThreadBusy = _error(409, "thread_busy", "An answer is already being generated on this thread.")

@@ -39,6 +39,7 @@ INSTALLED_APPS = [
     "bankagent",
     "threads",
     "agents",
+    "chat",
 ]
 
 MIDDLEWARE = [
@@ -99,9 +100,22 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
-# Development serves static files straight from the apps; deployments run collectstatic.
+STATIC_ROOT = Path(env.str("DJANGO_STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
+# Development serves static files straight from the apps; deployments run collectstatic, which gives every file a
+# content-hashed name (cached for ever by browsers) and a compressed copy.
 WHITENOISE_USE_FINDERS = DEBUG
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+        if DEBUG
+        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+    },
+}
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "chat"
+LOGOUT_REDIRECT_URL = "login"
 
 # The contract's body limit: 65,536 bytes accepted, one more refused (see bankagent.middleware).
 DATA_UPLOAD_MAX_MEMORY_SIZE = 65_536
@@ -122,7 +136,10 @@ RUN_LEASE_SECONDS = env.float("RUN_LEASE_SECONDS", default=30)
 WS_TICKET_SECONDS = 60
 
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": ["bankagent.authentication.APIKeyAuthentication"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "bankagent.authentication.APIKeyAuthentication",
+        "bankagent.authentication.SessionUserAuthentication",
+    ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["bankagent.parsers.StrictJSONParser"],

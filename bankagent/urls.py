@@ -3,6 +3,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
+from bankagent.authentication import APIKeyAuthentication
 from bankagent.views import api_not_found, health
 from threads.views import AgentViewSet, ThreadViewSet
 
@@ -14,7 +15,12 @@ api_v1 = [
     path("agents", AgentViewSet.as_view({"get": "list"}), name="agent-list"),
     path("agent/query", AgentViewSet.as_view({"post": "query"}), name="agent-query"),
     path("agent/stream", AgentViewSet.as_view({"post": "stream"}), name="agent-stream"),
-    path("ws-tickets", AgentViewSet.as_view({"post": "ticket"}), name="ws-ticket"),
+    # Tickets stand in for an API key in a browser; the chat page's own socket uses its session instead.
+    path(
+        "ws-tickets",
+        AgentViewSet.as_view({"post": "ticket"}, authentication_classes=[APIKeyAuthentication]),
+        name="ws-ticket",
+    ),
     path("health", health, name="health"),
 ]
 
@@ -24,6 +30,7 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     re_path(r"^api/", api_not_found),
     path("admin/", admin.site.urls),
+    path("", include("chat.urls")),
 ]
 
 handler404 = "bankagent.views.api_not_found"

@@ -8,11 +8,19 @@ from pydantic_ai import models
 from rest_framework.test import APIClient
 from rest_framework_api_key.models import APIKey
 
+from agents.models import DEMO_USER_ID
 from threads.models import Thread
 
 models.ALLOW_MODEL_REQUESTS = False
 
-DEMO_USER_ID = uuid.UUID("123e4567-e89b-12d3-a456-426614174000")
+
+@pytest.fixture(autouse=True)
+def _static_files_without_manifest(settings):
+    # Tests render pages in-process without running collectstatic, which the hashed names need.
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
 
 
 @pytest.fixture(autouse=True)

@@ -7,11 +7,9 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from agents.models import Customer
+from agents.models import DEMO_USER_ID, Customer
 from threads import services
 from threads.models import Message, Thread
-
-DEMO_USER_ID = uuid.UUID("123e4567-e89b-12d3-a456-426614174000")
 
 
 @pytest.fixture

@@ -10,12 +10,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pytest
+from asgiref.sync import sync_to_async
 from channels.testing import HttpCommunicator, WebsocketCommunicator
+from django.test import Client
 from django.utils import timezone
 from rest_framework_api_key.models import APIKey
 
 from agents.demo_script import POEM, STORY
 from bankagent.asgi import application
+from chat.services import login_ensure
 from threads.models import Message, Thread
 
 # Runs write from other threads than the test's: only a transactional test database sees their rows. The demo
@@ -270,6 +273,44 @@ async def test_non_uuid_thread_id_closes_with_4404(socket, caller):
     ws = socket(thread_path("not-a-uuid"), caller.headers())
     assert await close_code(ws) == 4404
     await ws.disconnect()
+
+
+# Session (the chat page)
+
+
+@sync_to_async
+def session_headers(username: str, user_id: uuid.UUID, *, active: bool = True) -> list[tuple[bytes, bytes]]:
+    """A browser's handshake headers for a signed-in login acting for `user_id`."""
+    user, _ = login_ensure(username=username, password="unused in these tests", user_id=user_id)
+    user.is_active = active
+    user.save(update_fields=["is_active"])
+    browser = Client()
+    browser.force_login(user)
+    cookie = f"sessionid={browser.cookies['sessionid'].value}"
+    return [(b"cookie", cookie.encode()), (b"origin", b"http://localhost")]
+
+
+async def test_session_opens_the_users_thread_and_runs_a_query(socket, thread, user_id):
+    ws = socket(thread_path(thread.pk), await session_headers("john", user_id))
+    await connected(ws)
+    await ws.send_json_to({"type": "query", "query": BALANCE})
+    assert shape(await events_until_done(ws)) == TOOL_ORDER
+    assert (await answer_of(thread)).status == Message.Status.COMPLETE
+
+
+async def test_session_on_another_users_thread_closes_with_4404(socket, foreign_thread, user_id):
+    ws = socket(thread_path(foreign_thread.pk), await session_headers("john", user_id))
+    assert await close_code(ws) == 4404
+
+
+async def test_inactive_session_user_closes_with_4401(socket, thread, user_id):
+    ws = socket(thread_path(thread.pk), await session_headers("john", user_id, active=False))
+    assert await close_code(ws) == 4401
+
+
+async def test_browser_without_session_or_ticket_closes_with_4401(socket, thread):
+    ws = socket(thread_path(thread.pk), [(b"origin", b"http://localhost")])
+    assert await close_code(ws) == 4401
 
 
 # Tickets

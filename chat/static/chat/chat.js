@@ -1,0 +1,456 @@
+// The chat page: REST (session + CSRF) for threads and history, one websocket per open thread for answers.
+// Every text from the server goes through textContent, never innerHTML.
+
+const config = JSON.parse(document.getElementById("chat-config").textContent);
+const csrfToken = document.querySelector('meta[name="csrf-token"]').content;
+const structuredAgents = new Set(config.agents.filter((a) => a.structured).map((a) => a.agent_type));
+const agentLabels = Object.fromEntries(config.agents.map((a) => [a.agent_type, a.label]));
+
+const TOOL_LABELS = {
+  customer_balance: "Looked up your balance",
+  recent_transactions: "Looked up your recent transactions",
+};
+const TITLE_LENGTH = 60;
+const PING_MS = 25_000;
+const RECONNECT_MAX_MS = 10_000;
+
+const el = (id) => document.getElementById(id);
+const ui = {
+  newThread: el("new-thread"),
+  agentType: el("agent-type"),
+  threadList: el("thread-list"),
+  moreThreads: el("more-threads"),
+  title: el("thread-title"),
+  connection: el("connection"),
+  alert: el("alert"),
+  messages: el("messages"),
+  olderMessages: el("older-messages"),
+  composer: el("composer"),
+  query: el("query"),
+  send: el("send"),
+  stop: el("stop"),
+};
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+function signIn() {
+  window.location.assign(`/accounts/login/?next=${encodeURIComponent(location.pathname + location.hash)}`);
+}
+
+// A path under /api/v1/, or an absolute URL from a Link header. Answers {data, next}.
+async function api(path, { method = "GET", body } = {}) {
+  let response;
+  try {
+    response = await fetch(path.startsWith("http") ? path : `/api/v1/${path}`, {
+      method,
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch {
+    throw new ApiError(0, "network", "The server cannot be reached. Check your connection and try again.");
+  }
+  if (response.status === 401) {
+    signIn();
+    throw new ApiError(401, "not_authenticated", "Your session has ended. Please sign in again.");
+  }
+  const data = response.status === 204 ? null : await response.json().catch(() => null);
+  if (!response.ok) {
+    const error = data?.error ?? {};
+    throw new ApiError(response.status, error.code, error.message ?? `The server answered ${response.status}.`);
+  }
+  const next = /<([^>]+)>;\s*rel="next"/.exec(response.headers.get("Link") ?? "");
+  return { data, next: next ? next[1] : null };
+}
+
+function showAlert(message) {
+  ui.alert.textContent = message;
+  ui.alert.hidden = !message;
+}
+
+function make(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// --- Thread list -------------------------------------------------------------------------------------------------
+
+let olderThreads = null;
+
+function threadItem(thread) {
+  const button = make("button");
+  button.type = "button";
+  button.dataset.threadId = thread.id;
+  button.append(
+    make("span", "thread-title", thread.title || "New conversation"),
+    make("span", "thread-meta", `${agentLabels[thread.agent_type] ?? thread.agent_type} · ${when(thread.updated_at)}`),
+  );
+  button.addEventListener("click", () => openThread(thread.id));
+  if (thread.id === current?.id) button.setAttribute("aria-current", "true");
+  const item = make("li");
+  item.append(button);
+  return item;
+}
+
+function when(timestamp) {
+  const date = new Date(timestamp);
+  const today = new Date().toDateString() === date.toDateString();
+  return today
+    ? date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+    : date.toLocaleDateString([], { day: "numeric", month: "short" });
+}
+
+async function loadThreads(url = "threads?limit=20") {
+  const { data, next } = await api(url);
+  const items = data.map(threadItem);
+  if (url.startsWith("http")) ui.threadList.append(...items);
+  else ui.threadList.replaceChildren(...items);
+  olderThreads = next;
+  ui.moreThreads.hidden = !next;
+  return data;
+}
+
+// --- Messages ----------------------------------------------------------------------------------------------------
+
+const STATE_TEXT = {
+  incomplete: "Stopped: this answer is incomplete.",
+  failed: "The assistant could not finish this answer.",
+};
+
+function riskLevel(level) {
+  if (level >= 7) return "high";
+  if (level >= 4) return "medium";
+  return "low";
+}
+
+function userBubble(message) {
+  const item = make("li", "message user");
+  item.dataset.messageId = message.id;
+  item.append(make("p", "text", message.content));
+  return item;
+}
+
+function assistantBubble(id, status) {
+  const item = make("li", "message assistant");
+  item.dataset.messageId = id;
+  item.dataset.status = status;
+  const banner = make("p", "banner", "Your card has been blocked.");
+  banner.hidden = true;
+  const risk = make("span", "risk");
+  risk.hidden = true;
+  item.append(make("ul", "tools"), banner, make("p", "text"), risk, make("ul", "actions"), make("p", "state"));
+  setStatus(item, status);
+  return item;
+}
+
+function setStatus(bubble, status) {
+  bubble.dataset.status = status;
+  bubble.querySelector(".state").textContent = STATE_TEXT[status] ?? "";
+}
+
+// Renders a structured output, whole or partial: a field the model has not produced yet is absent, not a default.
+function renderOutput(bubble, output) {
+  if (typeof output.support_advice === "string") bubble.querySelector(".text").textContent = output.support_advice;
+  const banner = bubble.querySelector(".banner");
+  banner.hidden = output.block_card !== true;
+  const risk = bubble.querySelector(".risk");
+  if (Number.isInteger(output.risk_level)) {
+    const level = riskLevel(output.risk_level);
+    risk.dataset.level = level;
+    risk.textContent = `Risk: ${level} (${output.risk_level}/10)`;
+    risk.hidden = false;
+  }
+  if (Array.isArray(output.follow_up_actions)) {
+    bubble.querySelector(".actions").replaceChildren(...output.follow_up_actions.map((a) => make("li", "", a)));
+  }
+}
+
+function messageBubble(message) {
+  if (message.role === "user") return userBubble(message);
+  const bubble = assistantBubble(message.id, message.status);
+  if (current.structured && message.output) renderOutput(bubble, message.output);
+  else bubble.querySelector(".text").textContent = message.content;
+  return bubble;
+}
+
+function scrollToEnd(force = false) {
+  const list = ui.messages;
+  if (force || list.scrollHeight - list.scrollTop - list.clientHeight < 80) list.scrollTop = list.scrollHeight;
+}
+
+// --- The open thread ---------------------------------------------------------------------------------------------
+
+let current = null; // {id, thread, structured}
+let olderMessages = null;
+let pending = null; // the query awaiting its message_created: {requestId, text}
+let requestSeq = 0;
+
+function setRunning(running) {
+  ui.stop.hidden = !running;
+  // Screen readers announce the answer once it is whole, not at every delta.
+  ui.messages.setAttribute("aria-busy", String(running));
+}
+
+async function loadMessages() {
+  const opened = current;
+  const [{ data: thread }, { data: messages, next }] = await Promise.all([
+    api(`threads/${opened.id}`),
+    api(`threads/${opened.id}/messages?limit=50`),
+  ]);
+  if (current !== opened) return;
+  opened.thread = thread;
+  opened.structured = structuredAgents.has(thread.agent_type);
+  ui.title.textContent = thread.title || "New conversation";
+  // Tool calls are not part of a saved message: keep the lines the stream showed.
+  const tools = new Map(
+    [...ui.messages.querySelectorAll(".tools:not(:empty)")].map((t) => [t.parentNode.dataset.messageId, t]),
+  );
+  const bubbles = messages.map(messageBubble);
+  for (const bubble of bubbles) {
+    const shown = tools.get(bubble.dataset.messageId);
+    if (shown) bubble.querySelector(".tools").replaceWith(shown);
+  }
+  ui.messages.replaceChildren(...bubbles);
+  olderMessages = next;
+  ui.olderMessages.hidden = !next;
+  scrollToEnd(true);
+}
+
+async function openThread(id) {
+  if (current?.id === id) return;
+  disconnect();
+  showAlert("");
+  setRunning(false);
+  ui.query.disabled = ui.send.disabled = true;
+  // Another thread may be opened while this one loads: every step after an await checks it is still current.
+  const opening = { id, thread: null, structured: false };
+  current = opening;
+  history.replaceState(null, "", `#${id}`);
+  for (const button of ui.threadList.querySelectorAll("button")) {
+    if (button.dataset.threadId === id) button.setAttribute("aria-current", "true");
+    else button.removeAttribute("aria-current");
+  }
+  ui.messages.replaceChildren();
+  try {
+    await loadMessages();
+  } catch (error) {
+    if (current !== opening) return;
+    current = null;
+    ui.title.textContent = "Choose or start a conversation";
+    showAlert(error.status === 404 ? "This conversation does not exist any more." : error.message);
+    return;
+  }
+  if (current !== opening) return;
+  ui.query.disabled = ui.send.disabled = false;
+  ui.query.focus();
+  connect();
+}
+
+async function createThread(agentType) {
+  const { data: thread } = await api("threads", { method: "POST", body: { agent_type: agentType } });
+  ui.threadList.prepend(threadItem(thread));
+  await openThread(thread.id);
+}
+
+// A new thread is named after its first question.
+async function nameThread(query) {
+  const thread = current.thread;
+  if (thread.title) return;
+  const words = query.replace(/\s+/g, " ");
+  const title = words.length > TITLE_LENGTH ? `${words.slice(0, TITLE_LENGTH - 1).trimEnd()}…` : words;
+  thread.title = title;
+  ui.title.textContent = title;
+  await api(`threads/${thread.id}`, { method: "PATCH", body: { title } });
+}
+
+// --- Websocket ---------------------------------------------------------------------------------------------------
+
+let socket = null;
+let retries = 0;
+let retryTimer = null;
+let pingTimer = null;
+
+function disconnect() {
+  clearTimeout(retryTimer);
+  clearInterval(pingTimer);
+  retries = 0;
+  if (socket) {
+    const closing = socket;
+    socket = null;
+    closing.close(1000);
+  }
+  ui.connection.textContent = "";
+}
+
+function connect() {
+  const id = current.id;
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const ws = new WebSocket(`${scheme}://${location.host}/ws/v1/threads/${id}/`);
+  const reconnecting = retries > 0;
+  socket = ws;
+  ws.addEventListener("open", () => {
+    if (socket !== ws) return;
+    retries = 0;
+    ui.connection.textContent = "";
+    pingTimer = setInterval(() => ws.send(JSON.stringify({ type: "ping" })), PING_MS);
+    // Events sent while the socket was down are lost: the saved thread is the truth.
+    if (reconnecting) loadMessages().catch((error) => showAlert(error.message));
+  });
+  ws.addEventListener("message", (frame) => {
+    if (socket === ws) onEvent(JSON.parse(frame.data));
+  });
+  ws.addEventListener("close", (event) => {
+    if (socket !== ws) return;
+    socket = null;
+    clearInterval(pingTimer);
+    setRunning(false);
+    if (event.code === 4401) return signIn();
+    if (event.code === 4404) {
+      ui.connection.textContent = "";
+      showAlert("This conversation does not exist any more.");
+      return;
+    }
+    const delay = Math.min(1000 * 2 ** retries, RECONNECT_MAX_MS);
+    retries += 1;
+    ui.connection.textContent = `Connection lost. Reconnecting in ${Math.round(delay / 1000)} s…`;
+    retryTimer = setTimeout(() => {
+      if (current?.id === id) {
+        ui.connection.textContent = "Reconnecting…";
+        connect();
+      }
+    }, delay);
+  });
+}
+
+function bubbleFor(messageId) {
+  let bubble = ui.messages.querySelector(`[data-message-id="${CSS.escape(messageId)}"]`);
+  if (!bubble) {
+    bubble = assistantBubble(messageId, "streaming");
+    ui.messages.append(bubble);
+    setRunning(true);
+  }
+  return bubble;
+}
+
+function onEvent(event) {
+  switch (event.event) {
+    case "message_created":
+      if (event.request_id && event.request_id === pending?.requestId) pending = null;
+      ui.messages.append(userBubble(event.message));
+      scrollToEnd(true);
+      break;
+    case "message_started":
+      showAlert("");
+      setRunning(true);
+      bubbleFor(event.message_id);
+      scrollToEnd(true);
+      break;
+    case "text_delta": {
+      const bubble = bubbleFor(event.message_id);
+      if (current.structured) renderOutput(bubble, JSON.parse(event.token));
+      else bubble.querySelector(".text").append(event.token);
+      scrollToEnd();
+      break;
+    }
+    case "tool_call": {
+      const label = TOOL_LABELS[event.tool_call.name] ?? `Looked up ${event.tool_call.name.replaceAll("_", " ")}`;
+      bubbleFor(event.message_id).querySelector(".tools").append(make("li", "", label));
+      break;
+    }
+    case "message_complete":
+      setStatus(bubbleFor(event.message_id), "complete");
+      break;
+    case "error":
+      showAlert(event.error);
+      // A refused query gives its text back, unless the user has started typing another.
+      if (event.request_id && event.request_id === pending?.requestId && !ui.query.value) {
+        ui.query.value = pending.text;
+      }
+      if (event.request_id === pending?.requestId) pending = null;
+      break;
+    case "done":
+      setRunning(false);
+      // The saved thread knows how the answer ended (complete, incomplete, failed) and its final output.
+      loadMessages().catch((error) => showAlert(error.message));
+      loadThreads().catch(() => {});
+      break;
+    default:
+      break;
+  }
+}
+
+function send() {
+  const text = ui.query.value.trim();
+  if (!text || !current) return;
+  if (socket?.readyState === WebSocket.CONNECTING) {
+    socket.addEventListener("open", send, { once: true });
+    return;
+  }
+  if (socket?.readyState !== WebSocket.OPEN) {
+    showAlert("Not connected: your message is kept and can be sent once the connection is back.");
+    return;
+  }
+  requestSeq += 1;
+  pending = { requestId: `q${requestSeq}`, text: ui.query.value };
+  socket.send(JSON.stringify({ type: "query", query: text, request_id: pending.requestId }));
+  ui.query.value = "";
+  showAlert("");
+  nameThread(text).catch((error) => showAlert(error.message));
+}
+
+// --- Wiring ------------------------------------------------------------------------------------------------------
+
+ui.composer.addEventListener("submit", (event) => {
+  event.preventDefault();
+  send();
+});
+ui.query.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    send();
+  }
+});
+ui.stop.addEventListener("click", () => {
+  socket?.send(JSON.stringify({ type: "cancel" }));
+  ui.query.focus();
+});
+ui.newThread.addEventListener("submit", (event) => {
+  event.preventDefault();
+  createThread(ui.agentType.value).catch((error) => showAlert(error.message));
+});
+ui.moreThreads.addEventListener("click", () => loadThreads(olderThreads).catch((error) => showAlert(error.message)));
+ui.olderMessages.addEventListener("click", async () => {
+  try {
+    const { data, next } = await api(olderMessages);
+    ui.messages.prepend(...data.map(messageBubble));
+    olderMessages = next;
+    ui.olderMessages.hidden = !next;
+  } catch (error) {
+    showAlert(error.message);
+  }
+});
+window.addEventListener("hashchange", () => {
+  const id = location.hash.slice(1);
+  if (id) openThread(id);
+});
+
+async function start() {
+  try {
+    const threads = await loadThreads();
+    const id = location.hash.slice(1) || threads[0]?.id;
+    if (id) await openThread(id);
+    else ui.agentType.focus();
+  } catch (error) {
+    showAlert(error.message);
+  }
+}
+
+start();
