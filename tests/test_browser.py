@@ -1,0 +1,325 @@
+"""The chat page in a real browser: Debian's Chromium, driven by Playwright, against a live daphne process.
+
+The server runs as in production (DEBUG off, collected static files served by whitenoise) on the test database,
+which it shares with this process: PostgreSQL only. Without PostgreSQL or Chromium these tests are skipped,
+unless BROWSER_TESTS=required (as in CI), where that is a failure.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from io import StringIO
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.core.management import call_command
+from django.db import connection
+
+from agents.demo_script import POEM
+from tests.test_fanout_processes import free_port, wait_healthy
+from threads import services
+from threads.models import Message, Thread
+
+try:
+    from playwright.async_api import async_playwright, expect
+except ImportError:  # reported by _unavailable
+    async_playwright = expect = None
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUT = ROOT / "test-output"
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # CI runs as root, where Chromium's sandbox cannot start
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TIMEOUT_MS = 15_000
+BALANCE_FIGURE = "$1,123.45"
+
+
+def _unavailable() -> str | None:
+    if connection.vendor != "postgresql":
+        return "needs PostgreSQL, which the live server shares with the tests"
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"needs Chromium at {CHROMIUM} (Debian package chromium)"
+    if async_playwright is None:
+        return "needs the playwright package"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _browser_available() -> None:
+    reason = _unavailable()
+    if reason and os.environ.get("BROWSER_TESTS") == "required":
+        pytest.fail(f"BROWSER_TESTS=required, but the browser tests {reason}")
+    if reason:
+        pytest.skip(reason)
+
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class LiveServer:
+    """One daphne process on the test database; stopped and started again on the same port to drop sockets."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env, self.log = env, log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "daphne",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "bankagent.asgi:application",
+        ]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        wait_healthy(self.port, self.process)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture(scope="module")
+def daphne_server(_browser_available, django_db_setup, tmp_path_factory) -> Iterator[LiveServer]:
+    folder = tmp_path_factory.mktemp("live")
+    db = connection.settings_dict
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
+        "DJANGO_SECRET_KEY": "browser-test-secret",
+        "DJANGO_DEBUG": "off",
+        "DJANGO_SECURE_COOKIES": "off",  # plain http on 127.0.0.1
+        "DJANGO_STATIC_ROOT": str(folder / "static"),
+        "AGENT_MODEL": "demo",
+        "DEMO_MODEL_DELAY_MS": "25",
+    }
+    env.pop("REDIS_URL", None)  # one process: the in-memory channel layer is enough
+    collect = [sys.executable, "manage.py", "collectstatic", "--noinput", "-v", "0"]
+    subprocess.run(collect, cwd=ROOT, env=env, check=True)
+    server = LiveServer(env, folder / "daphne.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def demo_password(demo_customer) -> str:
+    """The demo login of `make run`, created as it creates it."""
+    call_command("create_demo_login", stdout=(out := StringIO()))
+    return out.getvalue().rsplit("password ", 1)[1].strip()
+
+
+@pytest.fixture
+async def page(daphne_server) -> AsyncIterator:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = await browser.new_context(viewport={"width": 1200, "height": 820})
+        context.set_default_timeout(TIMEOUT_MS)
+        page = await context.new_page()
+        page.errors = []
+        page.on("pageerror", lambda error: page.errors.append(str(error)))
+        page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
+        yield page
+        await browser.close()
+
+
+async def sign_in(page, daphne_server: LiveServer, password: str) -> None:
+    await page.goto(f"{daphne_server.url}/chat/")
+    assert "/accounts/login/" in page.url
+    await page.get_by_label("Username").fill("demo")
+    await page.get_by_label("Password").fill(password)
+    await page.get_by_role("button", name="Sign in").click()
+    await page.wait_for_url(f"{daphne_server.url}/chat/**")
+
+
+async def new_thread(page, agent_type: str) -> None:
+    await page.get_by_label("Assistant").select_option(agent_type)
+    await page.get_by_role("button", name="New conversation").click()
+    await expect(page.get_by_label("Your message")).to_be_enabled()
+    await expect(page.get_by_label("Your message")).to_be_focused()
+
+
+async def ask(page, text: str) -> None:
+    await page.get_by_label("Your message").fill(text)
+    await page.get_by_label("Your message").press("Enter")
+
+
+# Records, in the page, when Enter is pressed in the input and every distinct text the newest answer shows.
+WATCH_ANSWER = """() => {
+  const seen = (window.answerWatch = {enter: null, question: null, texts: []});
+  document.getElementById("query").addEventListener("keydown", (event) => {
+    if (event.key === "Enter") seen.enter = performance.now();
+  }, {capture: true});
+  new MutationObserver(() => {
+    if (seen.enter !== null && seen.question === null && document.querySelector(".message.user")) {
+      seen.question = performance.now() - seen.enter;
+    }
+    const answers = document.querySelectorAll(".message.assistant .text");
+    const text = answers.length ? answers[answers.length - 1].textContent : "";
+    if (seen.enter !== null && text && text !== seen.texts.at(-1)?.text) {
+      seen.texts.push({text, at: performance.now() - seen.enter});
+    }
+  }).observe(document.getElementById("messages"), {childList: true, subtree: true, characterData: true});
+}"""
+
+
+# The page's scripts and stylesheets, as the browser fetched them: body sizes on the wire and decoded.
+STATIC_ASSETS = r"""() => performance.getEntriesByType("resource")
+  .map((entry) => ({path: new URL(entry.name).pathname, encoded: entry.encodedBodySize,
+                    decoded: entry.decodedBodySize}))
+  .filter((asset) => /^\/static\/.+\.[0-9a-f]{12}\.(js|css)$/.test(asset.path))
+  .map((asset) => ({...asset, kind: asset.path.split(".").pop()}))"""
+
+
+def last_answer(page):
+    return page.locator(".message.assistant").last
+
+
+async def test_bank_support_answer_streams_in_place_and_the_thread_keeps_it(page, daphne_server, demo_password):
+    await sign_in(page, daphne_server, demo_password)
+    await new_thread(page, "bank_support")
+    await page.evaluate(WATCH_ANSWER)
+
+    await ask(page, "What is my balance?")
+    answer = last_answer(page)
+    await expect(answer).to_have_attribute("data-status", "complete")
+    await expect(answer.locator(".text")).to_contain_text(f"your current balance is {BALANCE_FIGURE}")
+    await expect(answer.locator(".tools")).to_have_text("Looked up your balance")
+    await expect(answer.locator(".risk")).to_have_text("Risk: low (0/10)")
+    await expect(answer.locator(".banner")).to_be_hidden()
+    await expect(page.get_by_role("button", name="Stop")).to_be_hidden()
+    watch = await page.evaluate("window.answerWatch")
+    texts = [seen["text"] for seen in watch["texts"]]
+    # Deltas arrived one by one, each growing the same paragraph; the figure came later than the first of them.
+    assert len(texts) >= 5, texts
+    assert all(later.startswith(earlier) for earlier, later in pairwise(texts)), texts
+    assert BALANCE_FIGURE not in texts[0]
+    first_delta_ms = watch["texts"][0]["at"]
+    assets = await page.evaluate(STATIC_ASSETS)
+    # One stylesheet and one module, under content-hashed names (cached for ever), sent compressed.
+    assert sorted(asset["kind"] for asset in assets) == ["css", "js"], assets
+    assert all(0 < asset["encoded"] < asset["decoded"] for asset in assets), assets
+
+    await ask(page, "I lost my card")
+    answer = last_answer(page)
+    await expect(answer.locator(".banner")).to_have_text("Your card has been blocked.")
+    await expect(answer).to_have_attribute("data-status", "complete")
+    await expect(answer.locator(".risk")).to_have_attribute("data-level", "high")
+    await expect(answer.locator(".actions li")).to_contain_text(["Block the card", "Order a replacement card"])
+
+    thread = await sync_to_async(Thread.objects.get)()
+    first_answer = await Message.objects.filter(role=Message.Role.ASSISTANT).order_by("seq").afirst()
+    assert thread.title == "What is my balance?"
+    await expect(page.locator("#thread-list [aria-current=true]")).to_contain_text("What is my balance?")
+
+    await page.reload()
+    await expect(page.locator("#thread-title")).to_have_text("What is my balance?")
+    await expect(page.locator(".message.user")).to_have_text(["What is my balance?", "I lost my card"])
+    await expect(page.locator(".message.assistant").first).to_contain_text(BALANCE_FIGURE)
+    await expect(last_answer(page).locator(".banner")).to_be_visible()
+    await expect(page.get_by_label("Your message")).to_be_focused()
+    assert page.errors == []
+
+    OUTPUT.mkdir(exist_ok=True)
+    await page.screenshot(path=OUTPUT / "chat-final.png")
+    (OUTPUT / "browser-timings.json").write_text(
+        json.dumps(
+            {
+                "enter_to_question_shown_ms": round(watch["question"], 1),
+                "enter_to_first_visible_delta_ms": round(first_delta_ms, 1),
+                "server_time_to_first_token_ms": first_answer.metadata["time_to_first_token_ms"],
+                "deltas_seen": len(texts),
+                "static_bytes_served": sum(asset["encoded"] for asset in assets),
+                "static_bytes_uncompressed": sum(asset["decoded"] for asset in assets),
+                "assets": assets,
+            },
+            indent=2,
+        )
+    )
+
+
+async def test_stop_marks_a_long_answer_incomplete_at_phone_width(page, daphne_server, demo_password):
+    await page.set_viewport_size({"width": 390, "height": 780})
+    await sign_in(page, daphne_server, demo_password)
+    await new_thread(page, "general_chat")
+
+    await ask(page, "Write me a poem")
+    answer = last_answer(page)
+    await expect(answer.locator(".text")).not_to_be_empty()
+    await expect(answer).to_have_attribute("data-status", "streaming")
+
+    # A second question while the answer is written is refused, readably, and its text is given back.
+    await ask(page, "And another one")
+    await expect(page.get_by_role("alert")).to_have_text("An answer is already being generated on this thread.")
+    await expect(page.get_by_label("Your message")).to_have_value("And another one")
+
+    await page.get_by_role("button", name="Stop").click()
+    await expect(answer).to_have_attribute("data-status", "incomplete")
+    await expect(answer.locator(".state")).to_have_text("Stopped: this answer is incomplete.")
+    await expect(page.get_by_role("button", name="Stop")).to_be_hidden()
+    partial = await answer.locator(".text").text_content()
+    assert partial and POEM.startswith(partial) and len(partial) < len(POEM)
+
+    saved = await sync_to_async(Message.objects.get)(role=Message.Role.ASSISTANT)
+    assert (saved.status, saved.content) == (Message.Status.INCOMPLETE, partial)
+
+    await page.reload()
+    await expect(last_answer(page).locator(".state")).to_have_text("Stopped: this answer is incomplete.")
+    # Nothing is wider than a phone.
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 390
+    await expect(page.get_by_role("button", name="Send")).to_be_in_viewport()
+    assert page.errors == []
+
+
+async def test_dropped_socket_reconnects_and_reloads_the_thread(page, daphne_server, demo_password):
+    await sign_in(page, daphne_server, demo_password)
+    await new_thread(page, "bank_support")
+    thread = await sync_to_async(Thread.objects.get)()
+
+    await sync_to_async(daphne_server.stop)()
+    await expect(page.get_by_role("status")).to_contain_text("Connection lost")
+    # While this page is away, an answer lands on the thread from elsewhere.
+    await sync_to_async(_finished_turn)(thread, "Sent from my phone", "Answered while you were away.")
+    await sync_to_async(daphne_server.start)()
+
+    await expect(page.get_by_role("status")).to_have_text("", timeout=20_000)
+    await expect(page.locator(".message.user")).to_have_text(["Sent from my phone"])
+    await expect(last_answer(page)).to_contain_text("Answered while you were away.")
+    await ask(page, "What is my balance?")
+    await expect(last_answer(page).locator(".text")).to_contain_text(BALANCE_FIGURE)
+    await expect(last_answer(page)).to_have_attribute("data-status", "complete")
+
+
+def _finished_turn(thread: Thread, query: str, advice: str) -> None:
+    run_token = uuid.uuid4()
+    _, answer = services.turn_start(thread=thread, query=query, run_token=run_token, lease_seconds=30)
+    output = {"support_advice": advice, "block_card": False, "risk_level": 1, "follow_up_actions": []}
+    services.turn_finish(
+        message=answer,
+        run_token=run_token,
+        status=Message.Status.COMPLETE,
+        content=json.dumps(output),
+        output=output,
+        metadata={},
+    )
