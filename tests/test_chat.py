@@ -197,3 +197,13 @@ def test_demo_login_refuses_when_the_demo_customer_belongs_to_another_login():
     with pytest.raises(CommandError, match="already belongs to the login 'john'"):
         demo_login_output()
     assert not User.objects.filter(username="demo").exists()
+
+
+# Admin
+
+
+def test_admin_user_page_shows_the_logins_user_id(admin_client, member):
+    url = f"/admin/auth/user/{member.pk}/change/"
+    page = admin_client.get(url)
+    assert page.status_code == 200
+    assert str(uuid.UUID(int=7)) in page.content.decode()
