@@ -69,9 +69,9 @@ class SessionUserAuthentication(SessionAuthentication):
 
     def authenticate(self, request: Request) -> tuple[Principal, None] | None:
         user = getattr(request._request, "user", None)
-        if user is None or not user.is_active:
+        if not _signed_in(user):
             return None
-        self.enforce_csrf(request)
+        self.enforce_csrf(request)  # before the profile lookup, which may write: a refused request writes nothing
         return Principal(user_id=profile_user_id(user=user)), None
 
     def enforce_csrf(self, request: Request) -> None:
@@ -81,10 +81,13 @@ class SessionUserAuthentication(SessionAuthentication):
             raise CsrfFailed() from exc
 
 
+def _signed_in(user: object) -> bool:
+    """An active user of the session (AnonymousUser and a missing user are not)."""
+    return bool(getattr(user, "is_active", False))
+
+
 def _session_user_id(user: object) -> uuid.UUID | None:
-    if user is None or not getattr(user, "is_active", False):
-        return None
-    return profile_user_id(user=user)
+    return profile_user_id(user=user) if _signed_in(user) else None
 
 
 def _usable_key_id(api_key_id: str | None) -> bool:
