@@ -311,6 +311,23 @@ async def test_dropped_socket_reconnects_and_reloads_the_thread(page, daphne_ser
     await expect(last_answer(page)).to_have_attribute("data-status", "complete")
 
 
+async def test_earlier_messages_load_on_demand(page, daphne_server, demo_password, demo_customer):
+    thread = await Thread.objects.acreate(user_id=demo_customer.user_id, agent_type="bank_support", title="Long")
+    for index in range(30):
+        await sync_to_async(_finished_turn)(thread, f"Question {index}", f"Answer {index}.")
+
+    await sign_in(page, daphne_server, demo_password)
+    await expect(page.locator("#thread-title")).to_have_text("Long")
+    # The latest 50 of the 60 messages, then the 10 before them, in order.
+    await expect(page.locator(".message")).to_have_count(50)
+    await expect(page.locator(".message").first).to_have_text("Question 5")
+    await page.get_by_role("button", name="Show earlier messages").click()
+    await expect(page.locator(".message")).to_have_count(60)
+    await expect(page.locator(".message.user").first).to_have_text("Question 0")
+    await expect(page.get_by_role("button", name="Show earlier messages")).to_be_hidden()
+    assert page.errors == []
+
+
 def _finished_turn(thread: Thread, query: str, advice: str) -> None:
     run_token = uuid.uuid4()
     _, answer = services.turn_start(thread=thread, query=query, run_token=run_token, lease_seconds=30)

@@ -201,10 +201,12 @@ function setRunning(running) {
 
 async function loadMessages() {
   const opened = current;
-  const [{ data: thread }, { data: messages, next }] = await Promise.all([
-    api(`threads/${opened.id}`),
-    api(`threads/${opened.id}/messages?limit=50`),
-  ]);
+  const { data: thread } = await api(`threads/${opened.id}`);
+  const messages = thread.messages;
+  // The thread holds its latest messages; only the messages list gives the cursor to the older ones.
+  const older = thread.has_more_messages
+    ? (await api(`threads/${opened.id}/messages?limit=${messages.length}`)).next
+    : null;
   if (current !== opened) return;
   opened.thread = thread;
   opened.structured = structuredAgents.has(thread.agent_type);
@@ -219,8 +221,8 @@ async function loadMessages() {
     if (shown) bubble.querySelector(".tools").replaceWith(shown);
   }
   ui.messages.replaceChildren(...bubbles);
-  olderMessages = next;
-  ui.olderMessages.hidden = !next;
+  olderMessages = older;
+  ui.olderMessages.hidden = !older;
   scrollToEnd(true);
 }
 
@@ -371,10 +373,10 @@ function onEvent(event) {
     case "error":
       showAlert(event.error);
       // A refused query gives its text back, unless the user has started typing another.
-      if (event.request_id && event.request_id === pending?.requestId && !ui.query.value) {
-        ui.query.value = pending.text;
+      if (event.request_id && event.request_id === pending?.requestId) {
+        if (!ui.query.value) ui.query.value = pending.text;
+        pending = null;
       }
-      if (event.request_id === pending?.requestId) pending = null;
       break;
     case "done":
       setRunning(false);
