@@ -9,7 +9,7 @@ from pydantic_ai import Agent
 
 from agents.bank_support import support_agent, support_deps
 from agents.general_chat import chat_agent, chat_deps
-from bankagent.exceptions import unknown_agent_type
+from bankagent.exceptions import UnknownAgentType
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def agent_spec(agent_type: str) -> AgentSpec:
     try:
         return AGENTS[agent_type]
     except KeyError:
-        raise unknown_agent_type(agent_type, agent_types()) from None
+        raise UnknownAgentType.of(agent_type, agent_types()) from None
 
 
 def agent_types() -> list[str]:

@@ -1,112 +1,255 @@
-"""The application's error family and the one handler that renders every error in the contract's shape."""
+"""The application's errors, and the one handler that renders every error in the contract's shape.
+
+Each error is a DRF `APIException` with its HTTP status, its machine `code` and its message; DRF's own
+exceptions (not authenticated, method not allowed, throttled, ...) render the same way under their own codes.
+"""
 
 import logging
-from typing import Any
+from collections.abc import Mapping
 
 from django.core.exceptions import PermissionDenied
+from django.db import OperationalError
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
 
+from bankagent.jsontypes import JSON, JSONObject
+
 logger = logging.getLogger(__name__)
 
 
-class ApplicationError(Exception):
-    status: int = 500
-    code: str = "internal_error"
-    message: str = "Something went wrong on our side."
+class ApplicationError(drf.APIException):
+    status_code = 500
+    default_code = "internal_error"
+    default_detail = "Something went wrong on our side."
+    retry_after: int | None = None
+    """Seconds a client should wait before trying again, sent as `Retry-After`."""
 
-    def __init__(self, message: str | None = None, *, details: dict[str, Any] | None = None) -> None:
-        self.message = message or self.message
-        self.details = details
-        super().__init__(self.message)
+    def __init__(self, message: str | None = None, *, details: Mapping[str, JSON] | None = None) -> None:
+        super().__init__(message or self.default_detail, self.default_code)
+        self.details = dict(details) if details else None
 
-    def as_dict(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
+    @property
+    def code(self) -> str:
+        return self.default_code
+
+    @property
+    def message(self) -> str:
+        return str(self.detail)
+
+    @property
+    def status(self) -> int:
+        return self.status_code
+
+    def as_dict(self) -> JSONObject:
+        error: JSONObject = {"code": self.code, "message": self.message}
         if self.details:
             error["details"] = self.details
         return {"error": error}
 
 
-def _error(status: int, code: str, message: str) -> type[ApplicationError]:
-    return type(
-        code.title().replace("_", ""), (ApplicationError,), {"status": status, "code": code, "message": message}
-    )
+class InvalidUserId(ApplicationError):
+    status_code, default_code = 400, "invalid_user_id"
+    default_detail = "X-User-ID must be a UUID naming the end user."
 
 
-InvalidUserId = _error(400, "invalid_user_id", "X-User-ID must be a UUID naming the end user.")
-MalformedJson = _error(400, "malformed_json", "The request body is not valid JSON.")
-NotAnObject = _error(400, "invalid_body", "The request body must be a JSON object.")
-InvalidText = _error(400, "invalid_text", "Text must not contain NUL characters or unpaired surrogates.")
-InvalidLimit = _error(400, "invalid_limit", "limit must be an integer from 1 to 100.")
-InvalidCursor = _error(400, "invalid_cursor", "The cursor is not one this server issued.")
-BadHost = _error(400, "bad_host", "The Host header names a host this server does not serve.")
-NotAuthenticated = _error(401, "not_authenticated", "An X-API-Key header is required.")
-AuthenticationFailed = _error(401, "authentication_failed", "The API key is invalid, revoked or expired.")
-CsrfFailed = _error(403, "csrf_failed", "The CSRF token is missing or wrong: reload the page and try again.")
-NotFound = _error(404, "not_found", "Not found.")
-MethodNotAllowed = _error(405, "method_not_allowed", "This method is not allowed here.")
-ThreadBusy = _error(409, "thread_busy", "An answer is already being generated on this thread.")
-PayloadTooLarge = _error(413, "payload_too_large", "The request body is larger than 65,536 bytes.")
-UnsupportedMediaType = _error(415, "unsupported_media_type", "Send a JSON object (Content-Type: application/json).")
-ValidationFailed = _error(422, "validation_error", "The request did not pass validation.")
-QueryTooLong = _error(422, "query_too_long", "query must be at most 8,000 characters.")
-UnknownAgentType = _error(422, "unknown_agent_type", "agent_type does not name a known agent.")
-Throttled = _error(429, "throttled", "Too many requests.")
-ModelError = _error(502, "model_error", "The language model failed to produce an answer.")
-ModelUnavailable = _error(503, "model_unavailable", "The language model is not available right now.")
-ModelNotConfigured = _error(503, "model_not_configured", "The language model is not configured on this server.")
-ModelTimeout = _error(504, "model_timeout", "The language model did not answer in time.")
-BadFrame = _error(400, "bad_frame", "Frames are JSON objects with a type: query, cancel or ping.")
-ServiceUnavailable = _error(503, "service_unavailable", "A service this server depends on is down.")
+class MalformedJson(ApplicationError):
+    status_code, default_code = 400, "malformed_json"
+    default_detail = "The request body is not valid JSON."
 
 
-def unknown_agent_type(agent_type: str, known: list[str]) -> ApplicationError:
-    return UnknownAgentType(
-        f"Unknown agent_type {agent_type!r}; known: {', '.join(known)}.", details={"known_agent_types": known}
-    )
+class NotAnObject(ApplicationError):
+    status_code, default_code = 400, "invalid_body"
+    default_detail = "The request body must be a JSON object."
 
 
-def from_drf(exc: drf.APIException) -> ApplicationError:
+class InvalidText(ApplicationError):
+    status_code, default_code = 400, "invalid_text"
+    default_detail = "Text must not contain NUL characters or unpaired surrogates."
+
+
+class InvalidLimit(ApplicationError):
+    status_code, default_code = 400, "invalid_limit"
+    default_detail = "limit must be an integer from 1 to 100."
+
+
+class InvalidCursor(ApplicationError):
+    status_code, default_code = 400, "invalid_cursor"
+    default_detail = "The cursor is not one this server issued."
+
+
+class BadHost(ApplicationError):
+    status_code, default_code = 400, "bad_host"
+    default_detail = "The Host header names a host this server does not serve."
+
+
+class BadFrame(ApplicationError):
+    status_code, default_code = 400, "bad_frame"
+    default_detail = "Frames are JSON objects with a type: query, cancel or ping."
+
+
+class NotAuthenticated(ApplicationError):
+    status_code, default_code = 401, "not_authenticated"
+    default_detail = "An X-API-Key header is required."
+
+
+class AuthenticationFailed(ApplicationError):
+    status_code, default_code = 401, "authentication_failed"
+    default_detail = "The API key is invalid, revoked or expired."
+
+
+class CsrfFailed(ApplicationError):
+    status_code, default_code = 403, "csrf_failed"
+    default_detail = "The CSRF token is missing or wrong: reload the page and try again."
+
+
+class NotFound(ApplicationError):
+    status_code, default_code = 404, "not_found"
+    default_detail = "Not found."
+
+
+class MethodNotAllowed(ApplicationError):
+    status_code, default_code = 405, "method_not_allowed"
+    default_detail = "This method is not allowed here."
+
+
+class ThreadBusy(ApplicationError):
+    status_code, default_code = 409, "thread_busy"
+    default_detail = "An answer is already being generated on this thread."
+
+
+class PayloadTooLarge(ApplicationError):
+    status_code, default_code = 413, "payload_too_large"
+    default_detail = "The request body is larger than 65,536 bytes."
+
+
+class UnsupportedMediaType(ApplicationError):
+    status_code, default_code = 415, "unsupported_media_type"
+    default_detail = "Send a JSON object (Content-Type: application/json)."
+
+
+class ValidationFailed(ApplicationError):
+    status_code, default_code = 422, "validation_error"
+    default_detail = "The request did not pass validation."
+
+    @classmethod
+    def of(cls, exc: drf.ValidationError) -> "ValidationFailed":
+        """The contract's shape of a serializer's errors: field name to messages."""
+        return cls(details=exc.detail if isinstance(exc.detail, dict) else {"non_field_errors": exc.detail})
+
+
+class QueryTooLong(ApplicationError):
+    status_code, default_code = 422, "query_too_long"
+    default_detail = "query must be at most 8,000 characters."
+
+
+class UnknownAgentType(ApplicationError):
+    status_code, default_code = 422, "unknown_agent_type"
+    default_detail = "agent_type does not name a known agent."
+
+    @classmethod
+    def of(cls, agent_type: str, known: list[str]) -> "UnknownAgentType":
+        return cls(
+            f"Unknown agent_type {agent_type!r}; known: {', '.join(known)}.", details={"known_agent_types": known}
+        )
+
+
+class Throttled(ApplicationError):
+    status_code, default_code = 429, "throttled"
+    default_detail = "Too many requests: slow down and try again."
+
+
+class ModelError(ApplicationError):
+    status_code, default_code = 502, "model_error"
+    default_detail = "The language model failed to produce an answer."
+
+
+class ServiceUnavailable(ApplicationError):
+    status_code, default_code = 503, "service_unavailable"
+    default_detail = "A service this server depends on is down."
+
+
+class ModelUnavailable(ApplicationError):
+    status_code, default_code = 503, "model_unavailable"
+    default_detail = "The language model is not available right now."
+
+
+class ModelNotConfigured(ApplicationError):
+    status_code, default_code = 503, "model_not_configured"
+    default_detail = "The language model is not configured on this server."
+
+
+class Overloaded(ApplicationError):
+    status_code, default_code = 503, "overloaded"
+    default_detail = "This server is answering as many questions as it can: try again shortly."
+    retry_after = 1
+
+
+class DatabaseBusy(ApplicationError):
+    status_code, default_code = 503, "database_busy"
+    default_detail = "The database is busy: try again shortly."
+    retry_after = 1
+
+
+class RunInterrupted(ApplicationError):
+    status_code, default_code = 503, "run_interrupted"
+    default_detail = "The answer was interrupted before it was saved: ask again."
+
+
+class ModelTimeout(ApplicationError):
+    status_code, default_code = 504, "model_timeout"
+    default_detail = "The language model did not answer in time."
+
+
+def database_busy(exc: BaseException) -> bool:
+    """A database that stayed locked (SQLite) or out of connections (the pool) past its timeout."""
+    if isinstance(exc, OperationalError) and "locked" in str(exc):
+        return True
+    return type(exc).__name__ == "PoolTimeout"
+
+
+def as_application_error(exc: BaseException) -> drf.APIException:
+    """The error a client is told about `exc`: an APIException as it is, anything else without its details."""
     if isinstance(exc, drf.ValidationError):
-        details = exc.detail if isinstance(exc.detail, dict) else {"non_field_errors": exc.detail}
-        return ValidationFailed(details=details)
-    if isinstance(exc, drf.NotAuthenticated):
-        return NotAuthenticated()
-    if isinstance(exc, drf.AuthenticationFailed):
-        return AuthenticationFailed()
-    if isinstance(exc, drf.MethodNotAllowed):
-        return MethodNotAllowed()
-    if isinstance(exc, drf.NotFound):
+        return ValidationFailed.of(exc)
+    if isinstance(exc, Http404 | PermissionDenied):
         return NotFound()
-    if isinstance(exc, drf.UnsupportedMediaType):
-        return UnsupportedMediaType()
-    if isinstance(exc, drf.ParseError):
-        return MalformedJson()
-    if isinstance(exc, drf.Throttled):
-        return Throttled(details={"retry_after": exc.wait} if exc.wait else None)
-    error = ApplicationError(str(exc.detail))
-    error.status, error.code = exc.status_code, exc.default_code
-    return error
+    if isinstance(exc, drf.APIException):
+        return exc
+    if database_busy(exc):
+        logger.warning("Database busy: %s", exc)
+        return DatabaseBusy()
+    logger.error("Unhandled error", exc_info=exc)
+    return ApplicationError()
 
 
-def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
+def error_body(exc: drf.APIException) -> JSONObject:
+    if isinstance(exc, ApplicationError):
+        return exc.as_dict()
+    code = exc.detail.code if isinstance(exc.detail, drf.ErrorDetail) else exc.default_code
+    return {"error": {"code": code, "message": str(exc.detail)}}
+
+
+def retry_after(exc: drf.APIException) -> int | None:
+    if isinstance(exc, drf.Throttled) and exc.wait is not None:
+        return int(exc.wait) + 1
+    return getattr(exc, "retry_after", None)
+
+
+def exception_handler(exc: Exception, context: Mapping[str, object]) -> Response:
     """Render any exception raised in a DRF view as the contract's error object."""
-    if isinstance(exc, (Http404, PermissionDenied)):
-        exc = NotFound()
-    elif isinstance(exc, drf.APIException):
-        exc = from_drf(exc)
-    elif not isinstance(exc, ApplicationError):
-        logger.exception("Unhandled error in %s", context.get("view").__class__.__name__)
-        exc = ApplicationError()
-    response = Response(exc.as_dict(), status=exc.status)
-    if exc.status == 401:
+    error = as_application_error(exc)
+    response = Response(error_body(error), status=error.status_code)
+    if error.status_code == 401:
         response["WWW-Authenticate"] = "X-API-Key"
-    if exc.status == 429 and exc.details:
-        response["Retry-After"] = str(int(exc.details["retry_after"]) + 1)
+    if (seconds := retry_after(error)) is not None:
+        response["Retry-After"] = str(seconds)
     return response
 
 
 def error_response(error: ApplicationError) -> JsonResponse:
     """The same error shape for code paths outside DRF (middleware, URL fallbacks)."""
-    return JsonResponse(error.as_dict(), status=error.status)
+    response = JsonResponse(error.as_dict(), status=error.status_code)
+    if error.retry_after is not None:
+        response["Retry-After"] = str(error.retry_after)
+    return response

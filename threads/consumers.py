@@ -11,7 +11,7 @@ from rest_framework.exceptions import ValidationError
 from agents.fanout import request_cancel, start_stream, thread_group
 from agents.streaming import error_event
 from bankagent.authentication import authenticate_socket
-from bankagent.exceptions import ApplicationError, BadFrame, NotFound, PayloadTooLarge, from_drf
+from bankagent.exceptions import ApplicationError, BadFrame, NotFound, PayloadTooLarge, ValidationFailed
 from bankagent.parsers import loads_strict
 from threads.selectors import thread_get_for_user
 from threads.serializers import QueryFrameSerializer
@@ -72,7 +72,7 @@ class ThreadConsumer(AsyncWebsocketConsumer):
             frame = parse_frame(text_data)
             await getattr(self, f"on_{frame['type']}")(frame)
         except ValidationError as exc:
-            await self._send_error(from_drf(exc), frame.get("request_id"))
+            await self._send_error(ValidationFailed.of(exc), frame.get("request_id"))
         except ApplicationError as error:
             await self._send_error(error, frame.get("request_id"))
 

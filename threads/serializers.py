@@ -2,7 +2,7 @@ from typing import Any
 
 from rest_framework import serializers
 
-from bankagent.exceptions import InvalidText, QueryTooLong, unknown_agent_type
+from bankagent.exceptions import InvalidText, QueryTooLong, UnknownAgentType
 from threads.models import Message, Thread
 
 MAX_QUERY_LENGTH = 8_000
@@ -61,7 +61,7 @@ class ThreadCreateSerializer(serializers.Serializer):
     def validate_agent_type(self, value: str) -> str:
         known = self.context["agent_types"]
         if value not in known:
-            raise unknown_agent_type(value, known)
+            raise UnknownAgentType.of(value, known)
         return value
 
 

@@ -14,7 +14,7 @@ from rest_framework.response import Response
 from agents.fanout import start_stream
 from agents.registry import AGENTS, agent_types
 from agents.runner import run_query
-from bankagent.exceptions import unknown_agent_type
+from bankagent.exceptions import UnknownAgentType
 from bankagent.pagination import KeysetPaginator
 from bankagent.tickets import ticket_issue
 from threads import selectors, services
@@ -63,7 +63,7 @@ class ThreadViewSet(viewsets.ViewSet):
     def list(self, request: Request) -> Response:
         agent_type = request.query_params.get("agent_type")
         if agent_type is not None and agent_type not in AGENTS:
-            raise unknown_agent_type(agent_type, agent_types())
+            raise UnknownAgentType.of(agent_type, agent_types())
         threads = selectors.thread_list(user_id=request.user.user_id, agent_type=agent_type)
         page, headers = THREAD_PAGES.page(request, threads)
         return Response(ThreadSerializer(page, many=True).data, headers=headers)
