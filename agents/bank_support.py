@@ -7,7 +7,7 @@ from pydantic import ConfigDict, Field, with_config
 from pydantic_ai import Agent, ModelRetry, RunContext, ToolFailed
 from typing_extensions import TypedDict
 
-from agents.models import Customer, Transaction
+from bank.models import Customer, Transaction
 
 
 @dataclass

@@ -37,6 +37,8 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "channels",
     "bankagent",
+    "identity",
+    "bank",
     "threads",
     "agents",
     "chat",
@@ -137,8 +139,8 @@ WS_TICKET_SECONDS = 60
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "bankagent.authentication.APIKeyAuthentication",
-        "bankagent.authentication.SessionUserAuthentication",
+        "identity.authentication.APIKeyAuthentication",
+        "identity.authentication.SessionUserAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],

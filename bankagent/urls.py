@@ -3,8 +3,8 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from bankagent.authentication import APIKeyAuthentication
 from bankagent.views import api_not_found, health
+from identity.authentication import APIKeyAuthentication
 from threads.views import AgentViewSet, ThreadViewSet
 
 router = SimpleRouter(trailing_slash=False)

@@ -26,8 +26,8 @@ django.setup()
 from django.db import connection  # noqa: E402
 from django.test.utils import CaptureQueriesContext, setup_test_environment  # noqa: E402
 from rest_framework.test import APIClient  # noqa: E402
-from rest_framework_api_key.models import APIKey  # noqa: E402
 
+from identity.models import APIKey  # noqa: E402
 from threads.models import Message, Thread  # noqa: E402
 
 USER_ID = "123e4567-e89b-12d3-a456-426614174000"

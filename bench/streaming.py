@@ -36,11 +36,11 @@ django.setup()
 
 from asgiref.sync import sync_to_async  # noqa: E402
 from django.core.management import call_command  # noqa: E402
-from rest_framework_api_key.models import APIKey  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
 from agents.bank_support import support_agent, support_deps  # noqa: E402
 from agents.demo import build_demo_model  # noqa: E402
+from identity.models import APIKey  # noqa: E402
 from threads.models import Thread  # noqa: E402
 
 USER_ID = "123e4567-e89b-12d3-a456-426614174000"

@@ -1,4 +1,3 @@
-import importlib
 import uuid
 
 import pytest
@@ -6,9 +5,10 @@ from asgiref.sync import SyncToAsync
 from django.db import connections
 from pydantic_ai import models
 from rest_framework.test import APIClient
-from rest_framework_api_key.models import APIKey
 
-from agents.models import DEMO_USER_ID
+from bank.models import DEMO_USER_ID, Customer
+from bank.seed import demo_customer_create
+from identity.models import APIKey
 from threads.models import Thread
 
 models.ALLOW_MODEL_REQUESTS = False
@@ -38,13 +38,10 @@ def _close_worker_thread_connections():
 
 
 @pytest.fixture
-def demo_customer(transactional_db):
+def demo_customer(transactional_db) -> Customer:
     """John, as the data migration seeds him: a transactional test's flush empties every table."""
-    from django.apps import apps
-
-    seed = importlib.import_module("agents.migrations.0002_seed_demo_customer")
-    seed.create_demo_customer(apps, None)
-    return apps.get_model("agents", "Customer").objects.get(user_id=DEMO_USER_ID)
+    demo_customer_create()
+    return Customer.objects.get(user_id=DEMO_USER_ID)
 
 
 @pytest.fixture

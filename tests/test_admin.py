@@ -7,7 +7,8 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from agents.models import DEMO_USER_ID, Customer
+from bank.models import DEMO_USER_ID, Customer
+from identity.models import APIKey
 from threads import services
 from threads.models import Message, Thread
 
@@ -132,7 +133,7 @@ def test_message_change_page_shows_its_metadata(admin_client, conversation):
 
 
 def test_api_key_changelist_lists_the_keys(admin_client, api_key):
-    response = admin_client.get("/admin/rest_framework_api_key/apikey/")
+    response = admin_client.get("/admin/identity/apikey/")
 
     assert response.status_code == 200
     content = response.content.decode()
@@ -141,14 +142,30 @@ def test_api_key_changelist_lists_the_keys(admin_client, api_key):
 
 
 def test_api_key_add_page_renders(admin_client):
-    response = admin_client.get("/admin/rest_framework_api_key/apikey/add/")
+    response = admin_client.get("/admin/identity/apikey/add/")
 
     assert response.status_code == 200
     assert 'name="name"' in response.content.decode()
 
 
+def test_api_key_changelist_filters_by_event_dialect(admin_client, api_key):
+    APIKey.objects.create_key(name="old client", events=APIKey.Events.LEGACY)
+
+    response = admin_client.get("/admin/identity/apikey/", {"events__exact": "legacy"})
+
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert "old client" in content
+    assert ">tests<" not in content
+
+
+def test_the_librarys_own_api_key_admin_is_not_listed(admin_client):
+    assert admin_client.get("/admin/rest_framework_api_key/apikey/").status_code == 404
+    assert "/admin/identity/apikey/" in admin_client.get("/admin/").content.decode()
+
+
 def test_customer_changelist_lists_the_seeded_demo_customer(admin_client):
-    response = admin_client.get("/admin/agents/customer/")
+    response = admin_client.get("/admin/bank/customer/")
 
     assert response.status_code == 200
     content = response.content.decode()
@@ -159,7 +176,7 @@ def test_customer_changelist_lists_the_seeded_demo_customer(admin_client):
 def test_customer_change_page_shows_the_demo_customer_with_cards_and_transactions(admin_client):
     john = Customer.objects.get(user_id=DEMO_USER_ID)
 
-    response = admin_client.get(f"/admin/agents/customer/{john.pk}/change/")
+    response = admin_client.get(f"/admin/bank/customer/{john.pk}/change/")
 
     assert response.status_code == 200
     content = response.content.decode()

@@ -6,8 +6,8 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
-from rest_framework_api_key.models import APIKey
 
+from identity.models import APIKey
 from threads.models import Message, Thread
 
 THREADS = "/api/v1/threads"

@@ -10,9 +10,9 @@ from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
 from django.test import Client
 
-from agents.models import DEMO_USER_ID
-from chat.models import Profile
-from chat.services import login_ensure, profile_user_id
+from bank.models import DEMO_USER_ID
+from identity.models import Profile
+from identity.services import login_ensure, profile_user_id
 from threads.models import Thread
 
 pytestmark = pytest.mark.django_db
@@ -207,3 +207,24 @@ def test_admin_user_page_shows_the_logins_user_id(admin_client, member):
     page = admin_client.get(url)
     assert page.status_code == 200
     assert str(uuid.UUID(int=7)) in page.content.decode()
+
+
+def test_admin_user_page_changes_the_logins_user_id(admin_client, member):
+    profile = member.profile
+    form = {
+        "username": "alice",
+        "is_active": "on",
+        "date_joined_0": "2026-01-01",
+        "date_joined_1": "00:00:00",
+        "profile-TOTAL_FORMS": "1",
+        "profile-INITIAL_FORMS": "1",
+        "profile-MIN_NUM_FORMS": "0",
+        "profile-MAX_NUM_FORMS": "1",
+        "profile-0-id": str(profile.pk),
+        "profile-0-login": str(member.pk),
+        "profile-0-user_id": str(DEMO_USER_ID),
+    }
+    response = admin_client.post(f"/admin/auth/user/{member.pk}/change/", form)
+    assert response.status_code == 302, response.content
+    profile.refresh_from_db()
+    assert profile.user_id == DEMO_USER_ID

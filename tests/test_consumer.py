@@ -14,11 +14,11 @@ from asgiref.sync import sync_to_async
 from channels.testing import HttpCommunicator, WebsocketCommunicator
 from django.test import Client
 from django.utils import timezone
-from rest_framework_api_key.models import APIKey
 
 from agents.demo_script import POEM, STORY
 from bankagent.asgi import application
-from chat.services import login_ensure
+from identity.models import APIKey
+from identity.services import login_ensure
 from threads.models import Message, Thread
 
 # Runs write from other threads than the test's: only a transactional test database sees their rows. The demo

@@ -14,9 +14,9 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
-from rest_framework_api_key.models import APIKey
 from websockets.asyncio.client import connect
 
+from identity.models import APIKey
 from tests.conftest import DEMO_USER_ID
 from threads.models import Message, Thread
 

@@ -22,10 +22,10 @@ from django.utils import timezone
 from pydantic_ai.exceptions import ModelHTTPError
 from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models.function import AgentInfo, FunctionModel
-from rest_framework_api_key.models import APIKey
 
 from agents import demo_script
 from bankagent.asgi import application
+from identity.models import APIKey
 from threads.models import Message, Thread
 
 pytestmark = pytest.mark.django_db(transaction=True)

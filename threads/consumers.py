@@ -10,9 +10,9 @@ from rest_framework.exceptions import ValidationError
 
 from agents.fanout import request_cancel, start_stream, thread_group
 from agents.streaming import error_event
-from bankagent.authentication import authenticate_socket
 from bankagent.exceptions import ApplicationError, BadFrame, NotFound, PayloadTooLarge, ValidationFailed
 from bankagent.parsers import loads_strict
+from identity.authentication import authenticate_socket
 from threads.selectors import thread_get_for_user
 from threads.serializers import QueryFrameSerializer
 

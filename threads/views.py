@@ -16,7 +16,7 @@ from agents.registry import AGENTS, agent_types
 from agents.runner import run_query
 from bankagent.exceptions import UnknownAgentType
 from bankagent.pagination import KeysetPaginator
-from bankagent.tickets import ticket_issue
+from identity.tickets import ticket_issue
 from threads import selectors, services
 from threads.models import Thread
 from threads.serializers import (

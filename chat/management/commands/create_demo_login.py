@@ -1,9 +1,9 @@
 from django.core.management.base import BaseCommand, CommandError
 from django.utils.crypto import salted_hmac
 
-from agents.models import DEMO_USER_ID
-from chat.models import Profile
-from chat.services import login_ensure
+from bank.models import DEMO_USER_ID
+from identity.models import Profile
+from identity.services import login_ensure
 
 USERNAME = "demo"
 

@@ -4,7 +4,7 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import User
 from django.db import transaction
 
-from chat.models import Profile
+from identity.models import Profile
 
 
 def profile_user_id(*, user: AbstractBaseUser) -> uuid.UUID:

@@ -2,7 +2,8 @@ from datetime import timedelta
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
-from rest_framework_api_key.models import APIKey
+
+from identity.models import APIKey
 
 
 class Command(BaseCommand):
@@ -14,8 +15,16 @@ class Command(BaseCommand):
         parser.add_argument(
             "--if-none", action="store_true", help="Do nothing if a usable key of this name already exists."
         )
+        parser.add_argument(
+            "--events",
+            choices=APIKey.Events.values,
+            default=APIKey.Events.STANDARD,
+            help="The event dialect of the key's streams: legacy is for clients of the service this one replaces.",
+        )
 
-    def handle(self, *args: object, name: str, expires_in_days: int | None, if_none: bool, **options: object) -> None:
+    def handle(
+        self, *args: object, name: str, expires_in_days: int | None, if_none: bool, events: str, **options: object
+    ) -> None:
         if not 1 <= len(name) <= 50:
             raise CommandError("The name must be 1 to 50 characters long.")
         if expires_in_days is not None and expires_in_days < 1:
@@ -24,6 +33,10 @@ class Command(BaseCommand):
             self.stdout.write(f"An API key named {name!r} exists already; its key was printed when it was created.")
             return
         expiry = timezone.now() + timedelta(days=expires_in_days) if expires_in_days else None
-        _, key = APIKey.objects.create_key(name=name, expiry_date=expiry)
-        self.stdout.write(f"Created API key {name!r}" + (f", expiring {expiry:%Y-%m-%d %H:%M} UTC" if expiry else ""))
+        _, key = APIKey.objects.create_key(name=name, expiry_date=expiry, events=events)
+        self.stdout.write(
+            f"Created API key {name!r}"
+            + (f", expiring {expiry:%Y-%m-%d %H:%M} UTC" if expiry else "")
+            + (f", with {events} events" if events != APIKey.Events.STANDARD else "")
+        )
         self.stdout.write(key)

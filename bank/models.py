@@ -5,7 +5,7 @@ from decimal import Decimal
 
 from django.db import models
 
-# The customer the data migration seeds, whom the examples and the demo login act for.
+# The customer the data migration seeds (`bank.seed`), whom the examples and the demo login act for.
 DEMO_USER_ID = uuid.UUID("123e4567-e89b-12d3-a456-426614174000")
 
 

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from agents.models import Card, Customer, Transaction
+from bank.models import Card, Customer, Transaction
 
 
 class CardInline(admin.TabularInline):

@@ -8,11 +8,11 @@ from channels.db import database_sync_to_async
 from rest_framework import exceptions as drf
 from rest_framework.authentication import BaseAuthentication, SessionAuthentication
 from rest_framework.request import Request
-from rest_framework_api_key.models import APIKey
 
 from bankagent.exceptions import AuthenticationFailed, CsrfFailed, InvalidUserId
-from bankagent.tickets import ticket_redeem
-from chat.services import profile_user_id
+from identity.models import APIKey
+from identity.services import profile_user_id
+from identity.tickets import ticket_redeem
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,8 @@ class Principal:
     user_id: uuid.UUID
     api_key_id: str | None = None
     """None for a signed-in user of the chat page."""
+    events: str = "standard"
+    """The event dialect of the key's streams (`APIKey.Events`); a signed-in user gets the standard one."""
     is_authenticated: bool = True
 
 
@@ -58,7 +60,7 @@ class APIKeyAuthentication(BaseAuthentication):
         if key is None:
             raise AuthenticationFailed()
         user_id = parse_user_id(request.headers.get("X-User-ID"))
-        return Principal(user_id=user_id, api_key_id=key.pk), key
+        return Principal(user_id=user_id, api_key_id=key.pk, events=key.events), key
 
     def authenticate_header(self, request: Request) -> str:
         return "X-API-Key"
@@ -90,8 +92,8 @@ def _session_user_id(user: object) -> uuid.UUID | None:
     return profile_user_id(user=user) if _signed_in(user) else None
 
 
-def _usable_key_id(api_key_id: str | None) -> bool:
-    return _unexpired(APIKey.objects.get_usable_keys().filter(pk=api_key_id).first()) is not None
+def _usable_key(api_key_id: str | None) -> APIKey | None:
+    return _unexpired(APIKey.objects.get_usable_keys().filter(pk=api_key_id).first())
 
 
 async def authenticate_socket(scope: dict, thread_id: uuid.UUID) -> Principal | None:
@@ -105,10 +107,11 @@ async def authenticate_socket(scope: dict, thread_id: uuid.UUID) -> Principal | 
         ticket = await database_sync_to_async(ticket_redeem)(tickets[0])
         if ticket is None or ticket.thread_id != thread_id:
             return None
-        # A key revoked since the ticket was issued revokes the ticket too.
-        if not await database_sync_to_async(_usable_key_id)(ticket.api_key_id):
+        # The ticket stands for its key as the key is now: revoking the key revokes the ticket too.
+        key = await database_sync_to_async(_usable_key)(ticket.api_key_id)
+        if key is None:
             return None
-        return Principal(user_id=ticket.user_id, api_key_id=ticket.api_key_id)
+        return Principal(user_id=ticket.user_id, api_key_id=ticket.api_key_id, events=key.events)
     if "x-api-key" not in headers:
         user_id = await database_sync_to_async(_session_user_id)(scope.get("user"))
         return None if user_id is None else Principal(user_id=user_id)
@@ -116,6 +119,6 @@ async def authenticate_socket(scope: dict, thread_id: uuid.UUID) -> Principal | 
     if key is None:
         return None
     try:
-        return Principal(user_id=parse_user_id(headers.get("x-user-id")), api_key_id=key.pk)
+        return Principal(user_id=parse_user_id(headers.get("x-user-id")), api_key_id=key.pk, events=key.events)
     except InvalidUserId:
         return None
