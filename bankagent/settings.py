@@ -44,17 +44,19 @@ INSTALLED_APPS = [
     "chat",
 ]
 
+# Django's middleware, in variants that run on the event loop (see bankagent.middleware), and servestatic's
+# (whitenoise's fork that serves static files without leaving the event loop).
 MIDDLEWARE = [
     "bankagent.middleware.HostValidationMiddleware",
-    "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "bankagent.middleware.SecurityMiddleware",
+    "servestatic.middleware.ServeStaticMiddleware",
     "bankagent.middleware.BodySizeLimitMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "bankagent.middleware.SessionMiddleware",
+    "bankagent.middleware.CommonMiddleware",
+    "bankagent.middleware.CsrfViewMiddleware",
+    "bankagent.middleware.AuthenticationMiddleware",
+    "bankagent.middleware.MessageMiddleware",
+    "bankagent.middleware.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "bankagent.urls"
@@ -105,13 +107,13 @@ STATIC_URL = "static/"
 STATIC_ROOT = Path(env.str("DJANGO_STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
 # Development serves static files straight from the apps; deployments run collectstatic, which gives every file a
 # content-hashed name (cached for ever by browsers) and a compressed copy.
-WHITENOISE_USE_FINDERS = DEBUG
+SERVESTATIC_USE_FINDERS = DEBUG
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
         "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
         if DEBUG
-        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        else "servestatic.storage.CompressedManifestStaticFilesStorage"
     },
 }
 
