@@ -1,5 +1,6 @@
 """The bank's support agent: structured advice, with the customer's balance and transactions as tools."""
 
+import uuid
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -7,13 +8,17 @@ from pydantic import ConfigDict, Field, with_config
 from pydantic_ai import Agent, ModelRetry, RunContext, ToolFailed
 from typing_extensions import TypedDict
 
-from bank.models import Customer, Transaction
+from bank.models import Customer
+from bank.selectors import customer_for_user, recent_transactions_of
+from bankagent.db import db
+from bankagent.jsontypes import JSONObject
 
 
 @dataclass
 class SupportDependencies:
-    user_id: str
+    user_id: uuid.UUID
     customer: Customer | None
+    """Read in the transaction that started the run: its balance is the balance as the question was asked."""
 
 
 # total=False lets a partial answer validate while it streams, holding only the fields the model has
@@ -69,27 +74,16 @@ def _customer(ctx: RunContext[SupportDependencies]) -> Customer:
 @support_agent.tool
 async def customer_balance(ctx: RunContext[SupportDependencies], include_pending: bool) -> float:
     """Returns the customer's current account balance."""
-    customer = await Customer.objects.aget(pk=_customer(ctx).pk)
+    customer = _customer(ctx)
     balance = customer.balance + customer.pending if include_pending else customer.balance
     return float(balance)
 
 
 @support_agent.tool
-async def recent_transactions(ctx: RunContext[SupportDependencies], limit: int = 5) -> list[dict[str, object]]:
+async def recent_transactions(ctx: RunContext[SupportDependencies], limit: int = 5) -> list[JSONObject]:
     """Returns the customer's most recent card transactions, newest first."""
-    rows = Transaction.objects.filter(customer_id=_customer(ctx).pk).select_related("card")[: max(1, min(limit, 20))]
-    return [
-        {
-            "date": row.created_at.date().isoformat(),
-            "description": row.description,
-            "amount": float(row.amount),
-            "card": row.card.last4 if row.card else None,
-            "pending": row.pending,
-        }
-        async for row in rows
-    ]
+    return await db(recent_transactions_of)(customer_id=_customer(ctx).pk, limit=max(1, min(limit, 20)))
 
 
-async def support_deps(user_id: str) -> SupportDependencies:
-    customer = await Customer.objects.filter(user_id=user_id).afirst()
-    return SupportDependencies(user_id=user_id, customer=customer)
+def support_deps(user_id: uuid.UUID) -> SupportDependencies:
+    return SupportDependencies(user_id=user_id, customer=customer_for_user(user_id=user_id))

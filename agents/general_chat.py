@@ -1,5 +1,6 @@
 """A plain-text assistant: the registry serves text agents as well as structured ones."""
 
+import uuid
 from dataclasses import dataclass
 
 from pydantic_ai import Agent
@@ -7,7 +8,7 @@ from pydantic_ai import Agent
 
 @dataclass
 class ChatDependencies:
-    user_id: str
+    user_id: uuid.UUID
 
 
 chat_agent = Agent(
@@ -18,5 +19,5 @@ chat_agent = Agent(
 )
 
 
-async def chat_deps(user_id: str) -> ChatDependencies:
+def chat_deps(user_id: uuid.UUID) -> ChatDependencies:
     return ChatDependencies(user_id=user_id)

@@ -41,6 +41,11 @@ def _provider_model(name: str) -> Model:
     return infer_model(name)
 
 
+@lru_cache(maxsize=8)
+def _demo_model(delay_ms: int) -> Model:
+    return build_demo_model(delay_ms=delay_ms)
+
+
 def agent_model() -> Model:
     """The model of AGENT_MODEL, resolved on every run so that settings (and tests) can swap it.
 
@@ -50,13 +55,18 @@ def agent_model() -> Model:
     if isinstance(name, Model):
         return name
     if name == DEMO:
-        return build_demo_model(delay_ms=settings.DEMO_MODEL_DELAY_MS)
+        return _demo_model(settings.DEMO_MODEL_DELAY_MS)
     try:
         return _provider_model(name)
     except Exception as exc:  # each provider SDK raises its own type for a missing key
         # The provider's message names the missing variable, never its value; it stays in the log.
         logger.error("Model %r cannot be used: %s", name, exc)
         raise ModelNotConfigured() from exc
+
+
+def model_label(model: Model) -> str:
+    """What answers, as configured: "demo", "openai:gpt-4o", ..."""
+    return settings.AGENT_MODEL if isinstance(settings.AGENT_MODEL, str) else model.model_name
 
 
 def model_failure(exc: BaseException) -> ApplicationError:

@@ -1,29 +1,30 @@
 """The agents this service runs, by `agent_type`: an explicit table, no discovery."""
 
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 from pydantic_ai import Agent
 
 from agents.bank_support import support_agent, support_deps
 from agents.general_chat import chat_agent, chat_deps
 from bankagent.exceptions import UnknownAgentType
+from bankagent.jsontypes import JSONObject
 
 
 @dataclass(frozen=True)
 class AgentSpec:
     agent_type: str
     description: str
-    agent: Agent[Any, Any]
-    deps_for: Callable[[str], Awaitable[Any]]
-    """Builds the run's dependencies for an end user's id."""
+    agent: Agent[object, object]
+    deps_for: Callable[[uuid.UUID], object]
+    """Builds the run's dependencies for an end user's id; it runs in the transaction that starts the run."""
     structured: bool
     """Whether the output is a JSON object (stored in `output`) rather than text."""
 
     @cached_property
-    def output_schema(self) -> dict[str, Any]:
+    def output_schema(self) -> JSONObject:
         return self.agent.output_json_schema()
 
 

@@ -11,7 +11,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import OriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 
-from bankagent.middleware import ASGIBodyLimit  # noqa: E402
+from bankagent.middleware import ASGIBodyLimit, ASGIHeadWithoutBody  # noqa: E402
 from threads.routing import websocket_urlpatterns  # noqa: E402
 
 
@@ -24,7 +24,7 @@ class BrowserOriginValidator(OriginValidator):
 
 application = ProtocolTypeRouter(
     {
-        "http": ASGIBodyLimit(django_asgi_app),
+        "http": ASGIHeadWithoutBody(ASGIBodyLimit(django_asgi_app)),
         "websocket": BrowserOriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns)), settings.ALLOWED_HOSTS
         ),

@@ -1,6 +1,9 @@
-"""The shape of a JSON value, for the seams that pass one along."""
+"""The shape of a JSON value, for the seams that pass one along: pydantic's own recursive definition."""
 
 from typing import TypeAlias
 
-JSON: TypeAlias = bool | int | float | str | list["JSON"] | dict[str, "JSON"] | None
+from pydantic import JsonValue as JSON
+
 JSONObject: TypeAlias = dict[str, JSON]
+
+__all__ = ["JSON", "JSONObject"]

@@ -41,6 +41,7 @@ INSTALLED_APPS = [
     "bank",
     "threads",
     "agents",
+    "runs",
     "chat",
 ]
 
@@ -78,6 +79,27 @@ TEMPLATES = [
 ]
 
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # A pool per process: connections are reused across requests and worker threads, and (health checks on)
+    # each is checked before it is handed out, so one PostgreSQL dropped is replaced rather than given out.
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    DATABASES["default"]["OPTIONS"] = {
+        **DATABASES["default"].get("OPTIONS", {}),
+        "pool": {
+            "min_size": env.int("DATABASE_POOL_MIN", default=2),
+            "max_size": env.int("DATABASE_POOL_MAX", default=20),
+            "timeout": env.float("DATABASE_POOL_TIMEOUT", default=10),
+        },
+    }
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Concurrent writers wait their turn: WAL lets readers go on beside the writer, IMMEDIATE takes the write
+    # lock when a transaction begins (a read lock upgraded later would fail at once rather than wait), and the
+    # busy timeout is how long a writer waits before the request answers 503 database_busy.
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": env.float("SQLITE_BUSY_TIMEOUT", default=20),
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL",
+    }
 
 REDIS_URL = env.str("REDIS_URL", default="")
 # Messages a channel may queue before sends to it are dropped. channels-redis counts one queue for all the
@@ -121,8 +143,13 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat"
 LOGOUT_REDIRECT_URL = "login"
 
-# The contract's body limit: 65,536 bytes accepted, one more refused (see bankagent.middleware).
-DATA_UPLOAD_MAX_MEMORY_SIZE = 65_536
+# The contract's limits, defined once. A body: 65,536 bytes accepted, one more refused (bankagent.middleware);
+# a websocket frame over it gets `payload_too_large` and the socket stays open, up to the hard limit, above which
+# the server closes with 1009 before reading it whole. A query: 8,000 code points after stripping.
+MAX_BODY_BYTES = 65_536
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_BODY_BYTES
+WS_MAX_FRAME_BYTES = 1_048_576
+MAX_QUERY_CHARS = 8_000
 
 # The API uses no trailing slashes; a redirect would turn a POST into a GET.
 APPEND_SLASH = False
@@ -135,9 +162,37 @@ AGENT_MODEL = env.str("AGENT_MODEL", default="demo")
 DEMO_MODEL_DELAY_MS = env.int("DEMO_MODEL_DELAY_MS", default=25)
 # How many earlier exchanges of a thread the model sees.
 AGENT_HISTORY_TURNS = env.int("AGENT_HISTORY_TURNS", default=20)
-# A run holds its thread for this long past its last heartbeat (it beats every third of it).
+# A run holds its thread for this long past its last renewal (it renews every third of it); a run whose process
+# died is marked interrupted once it lapses. A streamed answer is checkpointed this often while it grows.
 RUN_LEASE_SECONDS = env.float("RUN_LEASE_SECONDS", default=30)
+RUN_CHECKPOINT_SECONDS = env.float("RUN_CHECKPOINT_SECONDS", default=2)
+# Runs one process serves at once; past it a new run is refused with 503 `overloaded`.
+RUN_CONCURRENCY = env.int("RUN_CONCURRENCY", default=1000)
+# Streamed chunks arriving within this window are validated once, as one delta (0: validate every chunk).
+STREAM_DEBOUNCE_MS = env.float("STREAM_DEBOUNCE_MS", default=10)
+# Events a reader may fall behind by (deltas merge while they wait) before it is dropped.
+STREAM_BACKLOG_EVENTS = env.int("STREAM_BACKLOG_EVENTS", default=500)
 WS_TICKET_SECONDS = 60
+# A revoked key keeps working for at most this long in a process that verified it lately.
+API_KEY_CACHE_SECONDS = env.float("API_KEY_CACHE_SECONDS", default=5)
+
+
+def _throttle_rates(spec: str) -> dict[str, str]:
+    """`runs_user=30/min,runs_key=1200/min,key=6000/min`, or `off`."""
+    if spec.strip().lower() == "off":
+        return {}
+    try:
+        rates = dict(item.strip().split("=", 1) for item in spec.split(",") if item.strip())
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"THROTTLE_RATES {spec!r} is not scope=rate,...") from exc
+    unknown = set(rates) - {"runs_user", "runs_key", "key"}
+    if unknown:
+        raise ImproperlyConfigured(f"THROTTLE_RATES names unknown scopes: {', '.join(sorted(unknown))}")
+    return rates
+
+
+# Requests per API key (or signed-in user) on every endpoint, and runs started per end user and per key.
+THROTTLE_RATES = _throttle_rates(env.str("THROTTLE_RATES", default="runs_user=30/min,runs_key=1200/min,key=6000/min"))
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -151,6 +206,7 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "bankagent.exceptions.exception_handler",
     "UNAUTHENTICATED_USER": None,
+    "DEFAULT_THROTTLE_CLASSES": ["bankagent.throttling.KeyRateThrottle"],
 }
 
 SPECTACULAR_SETTINGS = {

@@ -5,7 +5,7 @@ from rest_framework.routers import SimpleRouter
 
 from bankagent.views import api_not_found, health
 from identity.authentication import APIKeyAuthentication
-from threads.views import AgentViewSet, ThreadViewSet
+from threads.views import AgentQueryView, AgentStreamView, AgentViewSet, ThreadViewSet
 
 router = SimpleRouter(trailing_slash=False)
 router.register("threads", ThreadViewSet, basename="thread")
@@ -13,8 +13,8 @@ router.register("threads", ThreadViewSet, basename="thread")
 api_v1 = [
     *router.urls,
     path("agents", AgentViewSet.as_view({"get": "list"}), name="agent-list"),
-    path("agent/query", AgentViewSet.as_view({"post": "query"}), name="agent-query"),
-    path("agent/stream", AgentViewSet.as_view({"post": "stream"}), name="agent-stream"),
+    path("agent/query", AgentQueryView.as_view(), name="agent-query"),
+    path("agent/stream", AgentStreamView.as_view(), name="agent-stream"),
     # Tickets stand in for an API key in a browser; the chat page's own socket uses its session instead.
     path(
         "ws-tickets",

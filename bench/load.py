@@ -58,6 +58,8 @@ def server_command(server: str, port: int, workers: int) -> list[str]:
         if workers != 1:
             raise SystemExit("daphne runs one process; use --server uvicorn or granian for several workers")
         return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), app]
+    if server == "serve":
+        return [sys.executable, "-m", "bankagent.serve", "--port", str(port), "--workers", str(workers)]
     if server == "uvicorn":
         return [
             *(sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)),
@@ -105,6 +107,17 @@ class Server:
                 continue
             total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
         return total / 1024
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server's processes have used so far (user and system)."""
+        ticks = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         # SIGINT: every server stops cleanly on it, and py-spy writes its profile.
@@ -369,9 +382,10 @@ async def drive(server: Server, key: str, result: Result, operation: Operation) 
                 result.errors[type(exc).__name__ if not isinstance(exc, HTTPError) else str(exc)] += 1
         connection.close()
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), server.cpu_seconds()
     await asyncio.gather(*(client(number) for number in range(result.clients)))
     result.seconds = time.perf_counter() - started
+    result.notes["server_cpu_ms_per_op"] = round((server.cpu_seconds() - cpu) * 1000 / max(len(result.latencies), 1), 2)
     stop.set()
     await sampler
 
@@ -569,7 +583,11 @@ def print_row(summary: dict[str, object]) -> None:
         f"p50 {cell('p50_ms', ' ms'):>10}  p99 {cell('p99_ms', ' ms'):>10}  "
         f"first p50 {cell('first_event_p50_ms', ' ms'):>10}  first p99 {cell('first_event_p99_ms', ' ms'):>10}  "
         f"errors {summary['errors']:>4}  peak RSS {summary['peak_rss_mib']} MiB"
-        + "".join(f"  {k} {summary[k]}" for k in ("queries_s", "complete_in_order", "all_done_s") if k in summary),
+        + "".join(
+            f"  {k} {summary[k]}"
+            for k in ("server_cpu_ms_per_op", "queries_s", "complete_in_order", "all_done_s")
+            if k in summary
+        ),
         flush=True,
     )
     if summary["errors"]:
@@ -616,7 +634,12 @@ def external_server(args: argparse.Namespace) -> Server:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", default="uvicorn", choices=["uvicorn", "daphne", "granian", "gunicorn"])
+    parser.add_argument(
+        "--server",
+        default="serve",
+        choices=["serve", "uvicorn", "daphne", "granian", "gunicorn"],
+        help="serve: `python -m bankagent.serve`, as production runs (default); the others for comparison",
+    )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--database", default="postgres", choices=["postgres", "sqlite"])
     parser.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/bankagent_bench")

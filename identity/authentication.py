@@ -1,14 +1,19 @@
 """Who a request acts for: an API key holder and the end user it names, or a signed-in user of the chat page."""
 
+import hashlib
+import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from urllib.parse import parse_qs
 
-from channels.db import database_sync_to_async
+from django.conf import settings
+from django.utils import timezone
 from rest_framework import exceptions as drf
 from rest_framework.authentication import BaseAuthentication, SessionAuthentication
 from rest_framework.request import Request
 
+from bankagent.db import db
 from bankagent.exceptions import AuthenticationFailed, CsrfFailed, InvalidUserId
 from identity.models import APIKey
 from identity.services import profile_user_id
@@ -41,8 +46,59 @@ def _unexpired(key: APIKey | None) -> APIKey | None:
     return None if key is None or key.has_expired else key
 
 
+@dataclass(frozen=True)
+class KeyGrant:
+    """What a verified key grants, remembered for API_KEY_CACHE_SECONDS."""
+
+    key_id: str
+    events: str
+    expiry: datetime | None
+
+
+# Verified keys (and refused ones) by the SHA-256 of the key, never the key itself: verifying costs a query and a
+# hash, so a key is looked up again only after API_KEY_CACHE_SECONDS, which bounds how long a revoked key works.
+_recent: dict[str, tuple[float, KeyGrant | None]] = {}
+_RECENT_MAX = 10_000
+
+
+def _digest(raw: str) -> str:
+    return hashlib.sha256(raw.strip().encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _fresh(digest: str) -> tuple[float, KeyGrant | None] | None:
+    entry = _recent.get(digest)
+    if entry is None or time.monotonic() - entry[0] >= settings.API_KEY_CACHE_SECONDS:
+        return None
+    return entry
+
+
+def key_grant(raw: str | None) -> KeyGrant | None:
+    """What the key `raw` grants now, or None: unknown, revoked or expired. The hash comparison runs in constant
+    time; expiry is checked on every use, revocation once per API_KEY_CACHE_SECONDS."""
+    if not raw:
+        return None
+    digest = _digest(raw)
+    if (entry := _fresh(digest)) is not None:
+        grant = entry[1]
+    else:
+        key = api_key_from(raw)
+        grant = None if key is None else KeyGrant(key_id=key.pk, events=key.events, expiry=key.expiry_date)
+        if len(_recent) >= _RECENT_MAX:
+            _recent.clear()
+        _recent[digest] = (time.monotonic(), grant)
+    if grant is not None and grant.expiry is not None and grant.expiry <= timezone.now():
+        return None
+    return grant
+
+
+def credentials_cached(request: Request) -> bool:
+    """Whether authenticating `request` needs no database: its API key was verified lately."""
+    raw = request.headers.get("X-API-Key")
+    return bool(raw) and _fresh(_digest(raw)) is not None
+
+
 def api_key_from(raw: str | None) -> APIKey | None:
-    """The usable key matching `raw`, or None. The hash comparison runs in constant time."""
+    """The usable key matching `raw`, or None."""
     if not raw:
         return None
     try:
@@ -52,15 +108,15 @@ def api_key_from(raw: str | None) -> APIKey | None:
 
 
 class APIKeyAuthentication(BaseAuthentication):
-    def authenticate(self, request: Request) -> tuple[Principal, APIKey] | None:
+    def authenticate(self, request: Request) -> tuple[Principal, KeyGrant] | None:
         raw_key = request.headers.get("X-API-Key")
         if raw_key is None:
             return None
-        key = api_key_from(raw_key)
-        if key is None:
+        grant = key_grant(raw_key)
+        if grant is None:
             raise AuthenticationFailed()
         user_id = parse_user_id(request.headers.get("X-User-ID"))
-        return Principal(user_id=user_id, api_key_id=key.pk, events=key.events), key
+        return Principal(user_id=user_id, api_key_id=grant.key_id, events=grant.events), grant
 
     def authenticate_header(self, request: Request) -> str:
         return "X-API-Key"
@@ -104,21 +160,21 @@ async def authenticate_socket(scope: dict, thread_id: uuid.UUID) -> Principal | 
     headers = {name.decode("latin1").lower(): value.decode("latin1") for name, value in scope.get("headers", [])}
     tickets = parse_qs(scope.get("query_string", b"").decode("latin1")).get("ticket")
     if tickets:
-        ticket = await database_sync_to_async(ticket_redeem)(tickets[0])
+        ticket = await db(ticket_redeem)(tickets[0])
         if ticket is None or ticket.thread_id != thread_id:
             return None
         # The ticket stands for its key as the key is now: revoking the key revokes the ticket too.
-        key = await database_sync_to_async(_usable_key)(ticket.api_key_id)
+        key = await db(_usable_key)(ticket.api_key_id)
         if key is None:
             return None
         return Principal(user_id=ticket.user_id, api_key_id=ticket.api_key_id, events=key.events)
     if "x-api-key" not in headers:
-        user_id = await database_sync_to_async(_session_user_id)(scope.get("user"))
+        user_id = await db(_session_user_id)(scope.get("user"))
         return None if user_id is None else Principal(user_id=user_id)
-    key = await database_sync_to_async(api_key_from)(headers.get("x-api-key"))
-    if key is None:
+    grant = await db(key_grant)(headers.get("x-api-key"))
+    if grant is None:
         return None
     try:
-        return Principal(user_id=parse_user_id(headers.get("x-user-id")), api_key_id=key.pk, events=key.events)
+        return Principal(user_id=parse_user_id(headers.get("x-user-id")), api_key_id=grant.key_id, events=grant.events)
     except InvalidUserId:
         return None

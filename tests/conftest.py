@@ -8,8 +8,10 @@ from rest_framework.test import APIClient
 
 from bank.models import DEMO_USER_ID, Customer
 from bank.seed import demo_customer_create
+from identity.authentication import _recent as recent_keys
 from identity.models import APIKey
-from threads.models import Thread
+from runs.services import run_begin, run_finish
+from threads.models import Message, Thread
 
 models.ALLOW_MODEL_REQUESTS = False
 
@@ -27,6 +29,23 @@ def _static_files_without_manifest(settings):
 def _fast_demo_model(settings):
     settings.AGENT_MODEL = "demo"
     settings.DEMO_MODEL_DELAY_MS = 0
+
+
+@pytest.fixture(autouse=True)
+def _stream_every_chunk(settings):
+    # Tests watch partial outputs grow chunk by chunk; coalescing under load has tests of its own.
+    settings.STREAM_DEBOUNCE_MS = 0
+
+
+@pytest.fixture(autouse=True)
+def _no_throttling(settings):
+    # Rate limits have tests of their own; elsewhere they would only make test order matter.
+    settings.THROTTLE_RATES = {}
+
+
+@pytest.fixture(autouse=True)
+def _keys_verified_afresh():
+    recent_keys.clear()
 
 
 @pytest.fixture(autouse=True)
@@ -77,5 +96,43 @@ def anonymous() -> APIClient:
 def make_thread(db, user_id):
     def make(*, user: uuid.UUID | None = None, agent_type: str = "bank_support", **fields) -> Thread:
         return Thread.objects.create(user_id=user or user_id, agent_type=agent_type, **fields)
+
+    return make
+
+
+@pytest.fixture
+def make_turn(db):
+    """A finished exchange on a thread, saved as a run saves it: the user's message and the answer."""
+
+    def make(
+        thread: Thread,
+        *,
+        query: str = "Hello",
+        answer: str = "Hi there.",
+        status: str = Message.Status.COMPLETE,
+        output: object = None,
+        model_messages: list | None = None,
+        metadata: dict | None = None,
+    ) -> tuple[Message, Message]:
+        start = run_begin(
+            thread_id=thread.pk,
+            user_id=thread.user_id,
+            query=query,
+            model_label="test",
+            lease_seconds=30,
+            history_turns=0,
+            deps_for=lambda agent_type, user_id: None,
+        )
+        run_finish(
+            message_id=start.assistant_message.pk,
+            status=status,
+            content=answer,
+            output=output,
+            metadata=metadata or {},
+            model_messages=model_messages,
+        )
+        start.assistant_message.refresh_from_db()
+        thread.refresh_from_db()
+        return start.user_message, start.assistant_message
 
     return make

@@ -1,31 +1,50 @@
-"""The thread websocket: `query`, `cancel` and `ping` frames in, the thread's run events out."""
+"""The thread websocket: `query`, `cancel` and `ping` frames in, the events of every run on the thread out."""
 
-import json
+import asyncio
+import contextlib
+import logging
 import uuid
-from typing import Any
 
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
-from rest_framework.exceptions import ValidationError
+from django.conf import settings
+from rest_framework.exceptions import APIException, ValidationError
 
-from agents.fanout import request_cancel, start_stream, thread_group
-from agents.streaming import error_event
-from bankagent.exceptions import ApplicationError, BadFrame, NotFound, PayloadTooLarge, ValidationFailed
+from agents.registry import AGENTS
+from bankagent.db import db, serve_outside_requests
+from bankagent.exceptions import (
+    ApplicationError,
+    BadFrame,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    ValidationFailed,
+    as_application_error,
+)
+from bankagent.jsontypes import JSONObject
 from bankagent.parsers import loads_strict
-from identity.authentication import authenticate_socket
+from bankagent.throttling import check_run_throttles, throttling_on
+from identity.authentication import Principal, authenticate_socket
+from runs.events import Backlog, BacklogFull, Dialect, Event, encode, error_event
+from runs.hub import hub
+from runs.pipeline import start_stream
+from threads.models import Thread
 from threads.selectors import thread_get_for_user
 from threads.serializers import QueryFrameSerializer
 
-MAX_FRAME_BYTES = 65_536
+logger = logging.getLogger(__name__)
+
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN_LATER = 1013
+"""The service cannot serve the socket now (its channel layer is down, or the client fell too far behind)."""
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_NOT_FOUND = 4404
 
 
-def parse_frame(text: str | None) -> dict[str, Any]:
+def parse_frame(text: str | None) -> JSONObject:
     if text is None:
         raise BadFrame("Binary frames are not accepted: send JSON text.")
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_FRAME_BYTES:
-        raise PayloadTooLarge("Frames are limited to 65,536 bytes.")
+    if len(text.encode("utf-8", "surrogatepass")) > settings.MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"Frames are limited to {settings.MAX_BODY_BYTES:,} bytes.")
     try:
         frame = loads_strict(text)
     except ApplicationError as exc:
@@ -36,9 +55,16 @@ def parse_frame(text: str | None) -> dict[str, Any]:
 
 
 class ThreadConsumer(AsyncWebsocketConsumer):
-    thread: Any = None
+    # Events reach the socket through its process's hub, which holds one channel for all sockets: a channel of
+    # each socket's own would only add a receive loop per socket.
+    channel_layer_alias = "sockets-use-the-hub"
+
+    thread: Thread | None = None
+    principal: Principal | None = None
+    writer: asyncio.Task | None = None
 
     async def connect(self) -> None:
+        serve_outside_requests()
         try:
             thread_id = uuid.UUID(self.scope["url_route"]["kwargs"]["thread_id"])
         except ValueError:
@@ -47,13 +73,22 @@ class ThreadConsumer(AsyncWebsocketConsumer):
         if principal is None:
             return await self._refuse(CLOSE_UNAUTHORIZED)
         try:
-            self.thread = await database_sync_to_async(thread_get_for_user)(
-                thread_id=thread_id, user_id=principal.user_id
-            )
+            thread = await db(thread_get_for_user)(thread_id=thread_id, user_id=principal.user_id)
         except NotFound:
             return await self._refuse(CLOSE_NOT_FOUND)
-        await self.channel_layer.group_add(thread_group(self.thread.pk), self.channel_name)
+        spec = AGENTS.get(thread.agent_type)
+        self.backlog = Backlog(cumulative=spec is None or spec.structured, max_events=settings.STREAM_BACKLOG_EVENTS)
+        self.dialect = Dialect(principal.events)
+        try:
+            await hub().watch(thread.pk, self)
+        except Exception:
+            logger.warning("Refusing a socket on thread %s: the channel layer is down", thread.pk, exc_info=True)
+            await self.accept()
+            await self.send(text_data=encode(error_event(ServiceUnavailable()), self.dialect))
+            return await self.close(code=CLOSE_TRY_AGAIN_LATER)
+        self.thread, self.principal = thread, principal
         await self.accept()
+        self.writer = asyncio.create_task(self._write())
 
     async def _refuse(self, code: int) -> None:
         # A close code reaches the client only after the handshake is accepted.
@@ -62,36 +97,82 @@ class ThreadConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         if self.thread is not None:
-            await self.channel_layer.group_discard(thread_group(self.thread.pk), self.channel_name)
+            await hub().unwatch(self.thread.pk, self)
+        if self.writer is not None:
+            self.writer.cancel()
+
+    def deliver(self, events: list[Event]) -> None:
+        """Events for this socket; they wait in its backlog, never for the client."""
+        with contextlib.suppress(BacklogFull):  # the writer sees it, and closes the socket
+            self.backlog.put_many(events)
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                for event in await self.backlog.take():
+                    if (text := encode(event, self.dialect)) is not None:
+                        await self.send(text_data=text)
+        except BacklogFull:
+            logger.info("Closing a socket on thread %s: its client fell too far behind", self.thread_id)
+            await self.close(code=CLOSE_TRY_AGAIN_LATER)
+
+    @property
+    def thread_id(self) -> uuid.UUID | None:
+        return None if self.thread is None else self.thread.pk
+
+    async def websocket_receive(self, message: dict) -> None:
+        if _frame_bytes(message) > settings.WS_MAX_FRAME_BYTES:
+            # Past the hard limit, which the server enforces too, before it reads such a frame whole.
+            return await self.close(code=CLOSE_TOO_BIG)
+        await super().websocket_receive(message)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.thread is None:
             return
-        frame: dict[str, Any] = {}
+        frame: JSONObject = {}
         try:
             frame = parse_frame(text_data)
             await getattr(self, f"on_{frame['type']}")(frame)
         except ValidationError as exc:
-            await self._send_error(ValidationFailed.of(exc), frame.get("request_id"))
-        except ApplicationError as error:
-            await self._send_error(error, frame.get("request_id"))
+            self._error(ValidationFailed.of(exc), frame.get("request_id"))
+        except Exception as exc:
+            # Whatever failed, the client hears why, and its socket stays open.
+            self._error(as_application_error(exc), frame.get("request_id"))
 
-    async def on_query(self, frame: dict[str, Any]) -> None:
+    async def on_query(self, frame: JSONObject) -> None:
         serializer = QueryFrameSerializer(data=frame)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
-        # The run answers through the thread's group, this socket included.
-        await start_stream(thread=self.thread, query=data["query"], request_id=data.get("request_id"), listen=False)
+        assert self.thread is not None and self.principal is not None
+        if throttling_on():
+            await db(check_run_throttles)(self.principal)
+        # The run answers through the thread's readers, this socket included.
+        await start_stream(
+            user_id=self.principal.user_id,
+            thread_id=self.thread.pk,
+            query=data["query"],
+            request_id=data.get("request_id"),
+        )
 
-    async def on_cancel(self, frame: dict[str, Any]) -> None:
-        await request_cancel(self.thread.pk)
+    async def on_cancel(self, frame: JSONObject) -> None:
+        assert self.thread is not None
+        try:
+            await hub().cancel(self.thread.pk)
+        except Exception as exc:
+            raise ServiceUnavailable("The cancel could not reach the run: the channel layer is down.") from exc
 
-    async def on_ping(self, frame: dict[str, Any]) -> None:
-        await self.send(text_data=json.dumps({"event": "pong"}))
+    async def on_ping(self, frame: JSONObject) -> None:
+        self.deliver([{"event": "pong"}])
 
-    async def run_event(self, message: dict[str, Any]) -> None:
-        await self.send(text_data=json.dumps(message["event"], ensure_ascii=False))
-
-    async def _send_error(self, error: ApplicationError, request_id: object = None) -> None:
+    def _error(self, error: APIException, request_id: object = None) -> None:
         extra = {"request_id": request_id} if isinstance(request_id, str) else {}
-        await self.send(text_data=json.dumps(error_event(error, **extra), ensure_ascii=False))
+        if not isinstance(error, ApplicationError):
+            error = ApplicationError(str(error.detail))
+        self.deliver([error_event(error, **extra)])
+
+
+def _frame_bytes(message: dict) -> int:
+    if (text := message.get("text")) is not None:
+        # Four bytes at most a code point: encode only a frame that might be over.
+        return len(text) if len(text) * 4 <= settings.WS_MAX_FRAME_BYTES else len(text.encode("utf-8", "surrogatepass"))
+    return len(message.get("bytes") or b"")

@@ -1,6 +1,8 @@
 import uuid
 
 from django.db import models
+from django.db.models import Q
+from django.utils import timezone
 
 
 class Thread(models.Model):
@@ -12,10 +14,6 @@ class Thread(models.Model):
     metadata = models.JSONField(default=dict, blank=True)
     # The seq of the last message; turns take the next numbers under a row lock.
     last_seq = models.PositiveBigIntegerField(default=0, editable=False)
-    # The run answering on this thread, if any: one at a time, across processes. The lease lapses when its
-    # heartbeat stops, so a crashed process never leaves the thread busy for good.
-    run_token = models.UUIDField(null=True, blank=True, editable=False)
-    run_heartbeat = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -34,6 +32,7 @@ class Message(models.Model):
         SYSTEM = "system"
 
     class Status(models.TextChoices):
+        IN_PROGRESS = "in_progress", "in progress"
         COMPLETE = "complete"
         INCOMPLETE = "incomplete"
         FAILED = "failed"
@@ -50,11 +49,28 @@ class Message(models.Model):
     # pydantic-ai's own message list of the exchange this assistant message ends, tool calls included,
     # so that history replays exactly. Not part of the public shape.
     model_messages = models.JSONField(null=True, blank=True, editable=False)
+    # An answer `in_progress` is its run's lease on the thread: one run at a time, across processes. The run
+    # renews it while it lives, so one whose process died lapses and is then marked interrupted.
+    lease_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["thread", "seq"]
         constraints = [models.UniqueConstraint(fields=["thread", "seq"], name="message_thread_seq")]
+        indexes = [
+            models.Index(
+                fields=["thread", "lease_expires_at"], condition=Q(status="in_progress"), name="message_run_lease"
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.role} #{self.seq}"
+
+    @property
+    def run_lapsed(self) -> bool:
+        """Being written by a run whose lease lapsed: its process died, and it is to be marked interrupted."""
+        return (
+            self.status == self.Status.IN_PROGRESS
+            and self.lease_expires_at is not None
+            and self.lease_expires_at <= timezone.now()
+        )

@@ -1,10 +1,8 @@
 """Reads: every query on threads and messages, always scoped by the end user."""
 
 import uuid
-from itertools import chain
 
 from django.db.models import QuerySet
-from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
 
 from bankagent.exceptions import NotFound
 from threads.models import Message, Thread
@@ -41,15 +39,3 @@ def thread_latest_messages(*, thread: Thread, limit: int = 50) -> tuple[list[Mes
     """The latest `limit` messages in chronological order, and whether older ones exist."""
     newest_first = list(message_list(thread=thread).order_by("-seq")[: limit + 1])
     return newest_first[:limit][::-1], len(newest_first) > limit
-
-
-def thread_history(*, thread: Thread, turns: int) -> list[ModelMessage]:
-    """The model's view of the last `turns` finished exchanges, tool calls included, in one query."""
-    stored = (
-        Message.objects.filter(
-            thread=thread, role=Message.Role.ASSISTANT, status=Message.Status.COMPLETE, model_messages__isnull=False
-        )
-        .order_by("-seq")
-        .values_list("model_messages", flat=True)[:turns]
-    )
-    return ModelMessagesTypeAdapter.validate_python(list(chain.from_iterable(reversed(list(stored)))))

@@ -1,24 +1,29 @@
-import json
-import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+"""The REST endpoints: threads and their messages, the agents, and the runs that answer on a thread."""
 
-from asgiref.sync import async_to_sync
+import uuid
+from collections.abc import AsyncIterator, Callable
+
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.serializers import Serializer
 
-from agents.fanout import start_stream
 from agents.registry import AGENTS, agent_types
-from agents.runner import run_query
+from bankagent.async_views import AsyncAPIView
 from bankagent.exceptions import UnknownAgentType
+from bankagent.jsontypes import JSONObject
 from bankagent.pagination import KeysetPaginator
+from bankagent.throttling import RUN_THROTTLES
 from identity.tickets import ticket_issue
+from runs.events import Backlog, BacklogFull, Dialect, encode
+from runs.pipeline import start_stream
+from runs.runner import run_blocking
+from runs.services import runs_interrupt
 from threads import selectors, services
-from threads.models import Thread
+from threads.models import Message, Thread
 from threads.serializers import (
     AgentQuerySerializer,
     AgentResponseSerializer,
@@ -40,10 +45,19 @@ PAGE_PARAMETERS = [
 ]
 
 
-def validated(serializer_class: type, data: Any, **context: Any) -> dict[str, Any]:
+def validated(serializer_class: type[Serializer], data: object, **context: object) -> JSONObject:
     serializer = serializer_class(data=data, context=context)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data
+
+
+def repaired(thread: Thread, read: Callable[[], list[Message]]) -> list[Message]:
+    """Messages as `read` gives them, with an answer whose run died marked interrupted first."""
+    messages = read()
+    if any(message.run_lapsed for message in messages):
+        runs_interrupt(thread_id=thread.pk)
+        messages = read()
+    return messages
 
 
 def own_thread(request: Request, thread_id: uuid.UUID) -> Thread:
@@ -77,7 +91,14 @@ class ThreadViewSet(viewsets.ViewSet):
     @extend_schema(responses=ThreadDetailSerializer)
     def retrieve(self, request: Request, pk: str) -> Response:
         thread = self._thread(request, pk)
-        thread.messages_page, thread.has_more_messages = selectors.thread_latest_messages(thread=thread)
+        latest: dict[str, bool] = {}
+
+        def read() -> list[Message]:
+            messages, latest["more"] = selectors.thread_latest_messages(thread=thread)
+            return messages
+
+        thread.messages_page = repaired(thread, read)
+        thread.has_more_messages = latest["more"]
         return Response(ThreadDetailSerializer(thread).data)
 
     @extend_schema(request=ThreadUpdateSerializer, responses=ThreadSerializer)
@@ -95,7 +116,14 @@ class ThreadViewSet(viewsets.ViewSet):
     @action(detail=True, methods=["get"])
     def messages(self, request: Request, pk: str) -> Response:
         thread = self._thread(request, pk)
-        page, headers = MESSAGE_PAGES.page(request, selectors.message_list(thread=thread))
+        headers: dict[str, str] = {}
+
+        def read() -> list[Message]:
+            page, found = MESSAGE_PAGES.page(request, selectors.message_list(thread=thread))
+            headers.update(found)
+            return page
+
+        page = repaired(thread, read)
         return Response(MessageSerializer(page[::-1], many=True).data, headers=headers)
 
 
@@ -103,26 +131,6 @@ class AgentViewSet(viewsets.ViewSet):
     @extend_schema(responses=AgentSerializer(many=True))
     def list(self, request: Request) -> Response:
         return Response(AgentSerializer(AGENTS.values(), many=True).data)
-
-    @extend_schema(request=AgentQuerySerializer, responses=AgentResponseSerializer)
-    @action(detail=False, methods=["post"])
-    def query(self, request: Request) -> Response:
-        data = validated(AgentQuerySerializer, request.data)
-        thread = own_thread(request, data["thread_id"])
-        turn = async_to_sync(run_query)(thread=thread, query=data["query"])
-        return Response(AgentResponseSerializer(turn).data)
-
-    @extend_schema(request=AgentQuerySerializer, responses={(200, "application/x-ndjson"): str})
-    @action(detail=False, methods=["post"])
-    def stream(self, request: Request) -> StreamingHttpResponse:
-        data = validated(AgentQuerySerializer, request.data)
-        thread = own_thread(request, data["thread_id"])
-        # Under ASGI this runs in the server's event loop, so the run outlives this request if the client goes.
-        handle = async_to_sync(start_stream)(thread=thread, query=data["query"], listen=True)
-        response = StreamingHttpResponse(ndjson(handle.events()), content_type="application/x-ndjson")
-        response["Cache-Control"] = "no-cache"
-        response["X-Accel-Buffering"] = "no"
-        return response
 
     @extend_schema(request=TicketRequestSerializer, responses={201: TicketSerializer})
     @action(detail=False, methods=["post"])
@@ -135,6 +143,46 @@ class AgentViewSet(viewsets.ViewSet):
         return Response(TicketSerializer({"ticket": ticket, "expires_at": expires_at}).data, status=201)
 
 
-async def ndjson(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-    async for event in events:
-        yield json.dumps(event, ensure_ascii=False).encode() + b"\n"
+class AgentQueryView(AsyncAPIView):
+    """A blocking query: the answer once it is saved."""
+
+    throttle_classes = RUN_THROTTLES
+
+    @extend_schema(request=AgentQuerySerializer, responses=AgentResponseSerializer)
+    async def post(self, request: Request) -> Response:
+        data = validated(AgentQuerySerializer, request.data)
+        turn = await run_blocking(user_id=request.user.user_id, thread_id=data["thread_id"], query=data["query"])
+        return Response(AgentResponseSerializer(turn).data)
+
+
+class AgentStreamView(AsyncAPIView):
+    """A streamed query: NDJSON events as the answer is written; the run goes on if the client goes away."""
+
+    throttle_classes = RUN_THROTTLES
+
+    @extend_schema(request=AgentQuerySerializer, responses={(200, "application/x-ndjson"): str})
+    async def post(self, request: Request) -> StreamingHttpResponse:
+        data = validated(AgentQuerySerializer, request.data)
+        listener = await start_stream(
+            user_id=request.user.user_id, thread_id=data["thread_id"], query=data["query"], listen=True
+        )
+        assert listener is not None
+        events = ndjson(listener, Dialect(request.user.events))
+        response = StreamingHttpResponse(events, content_type="application/x-ndjson")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"
+        return response
+
+
+async def ndjson(listener: Backlog, dialect: Dialect) -> AsyncIterator[bytes]:
+    """The run's events, one JSON object a line; a client too far behind is cut off (the run goes on)."""
+    while True:
+        try:
+            batch = await listener.take()
+        except BacklogFull:
+            return
+        lines = [line for event in batch if (line := encode(event, dialect)) is not None]
+        if lines:
+            yield ("\n".join(lines) + "\n").encode()
+        if batch[-1]["event"] == "done":
+            return

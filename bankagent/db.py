@@ -1,0 +1,49 @@
+"""Database work from async code: one hop to a worker thread per unit of work, never one per ORM call.
+
+Inside a request the hop goes to the request's own thread, as Django's async ORM does (in tests, the test's
+thread and transaction). Work that outlives requests (runs in the background, websockets) goes to any thread
+of the event loop's pool instead: Django's default outside a request, one thread for the whole process, would
+serialise all of it. Either way idle connections are given back after each hop, as Channels does, so nothing
+holds a connection while a model answers.
+"""
+
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from functools import wraps
+from typing import ParamSpec, TypeVar
+
+from asgiref.sync import sync_to_async
+from django.db import connections
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_shared_threads: ContextVar[bool] = ContextVar("db_on_shared_threads", default=False)
+
+
+def serve_outside_requests() -> None:
+    """From here on, this task's database work runs on any of the pool's threads."""
+    _shared_threads.set(True)
+
+
+def _give_back_connections() -> None:
+    for connection in connections.all(initialized_only=True):
+        # A connection inside a transaction belongs to whoever opened it (a test's transaction, in tests).
+        if not connection.in_atomic_block:
+            connection.close_if_unusable_or_obsolete()
+
+
+def db(function: Callable[P, R]) -> Callable[P, Awaitable[R]]:
+    """`function` as a coroutine run on a worker thread, with its connections given back after."""
+
+    @wraps(function)
+    def work(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return function(*args, **kwargs)
+        finally:
+            _give_back_connections()
+
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        return await sync_to_async(work, thread_sensitive=not _shared_threads.get())(*args, **kwargs)
+
+    return call

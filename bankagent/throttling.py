@@ -1,0 +1,79 @@
+"""Rate limits, counted in the cache (Redis when REDIS_URL is set, so across processes), with rates from
+THROTTLE_RATES. A scope without a rate (THROTTLE_RATES=off) lets everything through without touching the cache.
+"""
+
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
+from django.conf import settings
+from rest_framework.request import Request
+from rest_framework.throttling import SimpleRateThrottle
+
+from bankagent.exceptions import Throttled
+from identity.authentication import Principal
+
+if TYPE_CHECKING:  # DRF's views import the throttle classes their settings name
+    from rest_framework.views import APIView
+
+
+class PrincipalRateThrottle(SimpleRateThrottle):
+    def get_rate(self) -> str | None:
+        return settings.THROTTLE_RATES.get(self.scope)
+
+    def get_cache_key(self, request: Request, view: "APIView | None") -> str | None:
+        principal = request.user
+        if not isinstance(principal, Principal):
+            return None  # nobody to count (health, schema)
+        ident = self.ident_of(principal)
+        return None if ident is None else self.cache_format % {"scope": self.scope, "ident": ident}
+
+    def ident_of(self, principal: Principal) -> str | None:
+        raise NotImplementedError
+
+
+class KeyRateThrottle(PrincipalRateThrottle):
+    """Every request, per API key (a signed-in user of the chat page counts as its own key)."""
+
+    scope = "key"
+
+    def ident_of(self, principal: Principal) -> str | None:
+        return principal.api_key_id or f"user-{principal.user_id}"
+
+
+class RunsUserRateThrottle(PrincipalRateThrottle):
+    """Runs started, per end user."""
+
+    scope = "runs_user"
+
+    def ident_of(self, principal: Principal) -> str | None:
+        return str(principal.user_id)
+
+
+class RunsKeyRateThrottle(PrincipalRateThrottle):
+    """Runs started, per API key."""
+
+    scope = "runs_key"
+
+    def ident_of(self, principal: Principal) -> str | None:
+        return principal.api_key_id
+
+
+RUN_THROTTLES = [KeyRateThrottle, RunsUserRateThrottle, RunsKeyRateThrottle]
+
+
+def throttling_on() -> bool:
+    return bool(settings.THROTTLE_RATES)
+
+
+def check_run_throttles(principal: Principal) -> None:
+    """For a run started outside DRF (a websocket query): raises Throttled, with the wait, past any rate."""
+    request = SimpleNamespace(user=principal)
+    waits = [
+        throttle.wait()
+        for throttle in (cls() for cls in RUN_THROTTLES)
+        if not throttle.allow_request(request, None)  # type: ignore[arg-type]
+    ]
+    if waits:
+        error = Throttled()
+        error.retry_after = int(max((wait or 0) for wait in waits)) + 1
+        raise error

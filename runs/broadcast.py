@@ -1,0 +1,68 @@
+"""Where a run's events go: the caller that listens to it (an NDJSON response), and every reader of its thread.
+
+Events are never awaited by the run: they wait in backlogs, where deltas merge, and a publisher sends what
+has gathered as one batch per channel-layer message. Under load batches grow and messages stay few.
+"""
+
+import asyncio
+import contextvars
+import logging
+import uuid
+
+from runs.events import Backlog, BacklogFull, Event
+from runs.hub import hub
+
+logger = logging.getLogger(__name__)
+
+PUBLISH_BACKLOG = 10_000
+"""Events of one run waiting for the channel layer; deltas merge, so only a stalled layer comes near it."""
+
+
+class Broadcast:
+    def __init__(
+        self,
+        *,
+        thread_id: uuid.UUID,
+        cumulative: bool,
+        request_id: str | None = None,
+        listener: Backlog | None = None,
+    ) -> None:
+        self.thread_id = thread_id
+        self.request_id = request_id
+        self.listener = listener
+        self.pending = Backlog(cumulative=cumulative, max_events=PUBLISH_BACKLOG)
+        self.hub = hub()
+        # A fresh context: publishing belongs to the run, not to the request that started it.
+        self.task = asyncio.create_task(self._publish(), context=contextvars.Context())
+
+    def emit(self, event: Event) -> None:
+        if self.request_id is not None:
+            event = {**event, "request_id": self.request_id}
+        if self.listener is not None:
+            try:
+                self.listener.put(event)
+            except BacklogFull:
+                # The caller stopped reading; the run and every other reader go on without it.
+                self.listener = None
+        try:
+            self.pending.put(event)
+        except BacklogFull:
+            logger.error("Events of thread %s are not being published: the channel layer is stalled", self.thread_id)
+
+    async def _publish(self) -> None:
+        while True:
+            try:
+                batch = await self.pending.take()
+            except BacklogFull:
+                return
+            try:
+                await self.hub.publish(self.thread_id, batch)
+            except Exception:
+                # Readers here have had the batch; readers in other processes miss it.
+                logger.warning("Could not publish events of thread %s", self.thread_id, exc_info=True)
+            if batch[-1]["event"] == "done":
+                return
+
+    async def flushed(self) -> None:
+        """Wait until every emitted event, `done` included, has been handed on."""
+        await asyncio.shield(self.task)

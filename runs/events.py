@@ -1,0 +1,105 @@
+"""The contract's stream events: building them, holding a backlog of them for a slow reader, encoding them.
+
+The same events go to every transport (an NDJSON response, a websocket, another process); each reader encodes
+them in the dialect of its credentials.
+"""
+
+import asyncio
+import json
+from collections import deque
+from enum import StrEnum
+
+from bankagent.exceptions import ApplicationError
+from bankagent.jsontypes import JSON
+
+Event = dict[str, JSON]
+
+
+class Dialect(StrEnum):
+    """How a client names the events: the contract's, or those of the service this one replaced."""
+
+    STANDARD = "standard"
+    LEGACY = "legacy"
+    """Deltas are named `token`, and tool events are left out."""
+
+
+def error_event(error: ApplicationError, **extra: JSON) -> Event:
+    """The contract's error event: the same code and message as the HTTP error, under the seed's names."""
+    event: Event = {"event": "error", "error": error.message, "error_type": error.code, **extra}
+    if error.details:
+        event["details"] = error.details
+    return event
+
+
+def encode(event: Event, dialect: Dialect) -> str | None:
+    """One event as JSON text, or None when the dialect has no such event."""
+    if dialect is Dialect.LEGACY:
+        name = event["event"]
+        if name in ("tool_call", "tool_result"):
+            return None
+        if name == "text_delta":
+            event = {**event, "event": "token"}
+    return json.dumps(event, ensure_ascii=False)
+
+
+def merge_delta(earlier: Event, later: Event, *, cumulative: bool) -> Event | None:
+    """Two consecutive deltas of one answer as one, or None when they cannot merge.
+
+    A structured answer's token is the whole partial output so far, so the later one stands for both; a text
+    answer's token is the new text, so the two are joined.
+    """
+    if not (earlier["event"] == later["event"] == "text_delta"):
+        return None
+    if earlier.get("message_id") != later.get("message_id") or earlier.get("request_id") != later.get("request_id"):
+        return None
+    if cumulative:
+        return later
+    return {**later, "token": f"{earlier['token']}{later['token']}"}
+
+
+class BacklogFull(Exception):
+    """A reader fell further behind than its bound: it is dropped, the run goes on."""
+
+
+class Backlog:
+    """Events waiting for one reader. Deltas merge while they wait, so a reader that cannot keep up gets
+    fewer, larger deltas instead of a growing queue; past `max_events` waiting events the reader is dropped.
+    """
+
+    def __init__(self, *, cumulative: bool, max_events: int) -> None:
+        self.cumulative = cumulative
+        self.max_events = max_events
+        self.events: deque[Event] = deque()
+        self.ready = asyncio.Event()
+        self.overflowed = False
+
+    def put(self, event: Event) -> None:
+        """Queue an event without waiting; raises BacklogFull once the reader is too far behind."""
+        if self.overflowed:
+            raise BacklogFull()
+        if self.events and (merged := merge_delta(self.events[-1], event, cumulative=self.cumulative)):
+            self.events[-1] = merged
+        else:
+            if len(self.events) >= self.max_events:
+                self.overflowed = True
+                self.ready.set()
+                raise BacklogFull()
+            self.events.append(event)
+        self.ready.set()
+
+    def put_many(self, events: list[Event]) -> None:
+        for event in events:
+            self.put(event)
+
+    async def take(self) -> list[Event]:
+        """Everything waiting, once something is; raises BacklogFull after an overflow."""
+        while not self.events:
+            if self.overflowed:
+                raise BacklogFull()
+            self.ready.clear()
+            await self.ready.wait()
+        if self.overflowed:
+            raise BacklogFull()
+        events = list(self.events)
+        self.events.clear()
+        return events

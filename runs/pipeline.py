@@ -1,0 +1,184 @@
+"""The streamed run: model events -> validated partial outputs -> contract events -> the run's broadcast,
+then its answer saved. It runs as a task of its own, so the run outlives the request or socket that started it.
+"""
+
+import asyncio
+import contextvars
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from django.conf import settings
+from pydantic_ai import Agent
+from pydantic_ai.messages import FunctionToolCallEvent, FunctionToolResultEvent
+from pydantic_ai.result import AgentStream
+from pydantic_core import to_jsonable_python
+
+from agents.llm import model_failure
+from bankagent.db import serve_outside_requests
+from bankagent.exceptions import ApplicationError
+from runs.broadcast import Broadcast
+from runs.events import Backlog, Event, error_event
+from runs.runner import (
+    Progress,
+    Run,
+    close_run,
+    error_info,
+    final_content,
+    keep_lease,
+    message_complete,
+    message_created,
+    message_started,
+    open_run,
+    release,
+    until_stopped,
+    usage_metadata,
+)
+from threads.models import Message
+
+logger = logging.getLogger(__name__)
+
+# Strong references: a run is a task of its own, held by nothing else once its starter is gone.
+_RUNS: set[asyncio.Task] = set()
+
+
+def _debounce() -> float | None:
+    """pydantic-ai groups the chunks that arrive within this window and validates the partial output once per
+    group: under load, fewer and larger deltas instead of a validation per chunk."""
+    return settings.STREAM_DEBOUNCE_MS / 1000 or None
+
+
+async def _tokens(stream: AgentStream, structured: bool, progress: Progress) -> AsyncIterator[str]:
+    """text_delta tokens: the new text, or the JSON of the validated partial output so far."""
+    if not structured:
+        async for delta in stream.stream_text(delta=True, debounce_by=_debounce()):
+            if delta:
+                progress.text += delta
+                yield delta
+        return
+    # Partial outputs that fail validation are skipped by pydantic-ai; empty and repeated ones here.
+    async for partial in stream.stream_output(debounce_by=_debounce()):
+        token = json.dumps(partial, ensure_ascii=False)
+        if partial and token != progress.text:
+            progress.text, progress.output = token, partial
+            yield token
+
+
+async def agent_events(run: Run, progress: Progress) -> AsyncIterator[Event]:
+    """Run the agent, yielding text_delta, tool_call and tool_result events; returns its result's pieces."""
+    message_id = str(run.message_id)
+    start = run.start
+    async with run.spec.agent.iter(run.query, message_history=start.history, deps=start.deps, model=run.model) as it:
+        async for node in it:
+            if Agent.is_model_request_node(node):
+                async with node.stream(it.ctx) as stream:
+                    async for token in _tokens(stream, run.spec.structured, progress):
+                        progress.first_token_at = progress.first_token_at or time.monotonic()
+                        yield {"event": "text_delta", "message_id": message_id, "token": token}
+            elif Agent.is_call_tools_node(node):
+                async with node.stream(it.ctx) as tool_events:
+                    async for event in tool_events:
+                        if isinstance(event, FunctionToolCallEvent):
+                            call = {"name": event.part.tool_name, "args": event.part.args_as_dict()}
+                            yield {"event": "tool_call", "message_id": message_id, "tool_call": call}
+                        elif isinstance(event, FunctionToolResultEvent):
+                            result = {"name": event.part.tool_name, "content": to_jsonable_python(event.part.content)}
+                            yield {"event": "tool_result", "message_id": message_id, "tool_result": result}
+    progress.result = it.result
+
+
+async def start_stream(
+    *,
+    user_id: uuid.UUID,
+    thread_id: uuid.UUID,
+    query: str,
+    request_id: str | None = None,
+    listen: bool = False,
+) -> Backlog | None:
+    """Take the thread and start its run in the background. Its events go to every reader of the thread, and
+    to the backlog returned when the caller listens.
+
+    Raises before anything is written when the run cannot start (see `open_run`).
+    """
+    run = await open_run(user_id=user_id, thread_id=thread_id, query=query)
+    structured = run.spec.structured
+    listener = Backlog(cumulative=structured, max_events=settings.STREAM_BACKLOG_EVENTS) if listen else None
+    broadcast = Broadcast(thread_id=thread_id, cumulative=structured, request_id=request_id, listener=listener)
+    # A fresh context: the run belongs to no request, and must not use a request's thread for its database work.
+    task = asyncio.create_task(execute(run, broadcast), context=contextvars.Context())
+    _RUNS.add(task)
+    task.add_done_callback(_RUNS.discard)
+    return listener
+
+
+async def execute(run: Run, broadcast: Broadcast) -> None:
+    """Stream the run to its end, or until it is stopped, and save its answer; every path ends with `done`."""
+    serve_outside_requests()
+    progress = Progress()
+    try:
+        broadcast.emit(message_created(run))
+        broadcast.emit(message_started(run))
+        keeper = asyncio.create_task(keep_lease(run, progress))
+        try:
+            await until_stopped(run, _consume(run, progress, broadcast))
+        except asyncio.CancelledError:
+            if run.local.stopped is None:
+                raise
+            await close_run(
+                run,
+                status=Message.Status.INCOMPLETE,
+                content=progress.text,
+                output=progress.output,
+                cancelled=True,
+                **_timing(run, progress),
+            )
+        except Exception as exc:
+            error = model_failure(exc)
+            await close_run(
+                run,
+                status=Message.Status.FAILED,
+                content=progress.text,
+                output=None,
+                error=error_info(error),
+                **_timing(run, progress),
+            )
+            broadcast.emit(error_event(error, message_id=str(run.message_id)))
+            return
+        else:
+            result = progress.result
+            assert result is not None, "a finished agent run has a result"
+            await close_run(
+                run,
+                status=Message.Status.COMPLETE,
+                content=final_content(run, result.output),
+                output=result.output,
+                model_messages=result.new_messages(),
+                usage=usage_metadata(result.usage),
+                **_timing(run, progress),
+            )
+        finally:
+            keeper.cancel()
+        broadcast.emit(message_complete(run))
+    except ApplicationError as error:
+        broadcast.emit(error_event(error, message_id=str(run.message_id)))
+    except Exception:
+        # Whatever failed, the readers must not wait for a `done` that never comes.
+        logger.exception("Could not save the answer of thread %s", run.start.thread.pk)
+        broadcast.emit(error_event(ApplicationError(), message_id=str(run.message_id)))
+    finally:
+        broadcast.emit({"event": "done"})
+        release(run)
+        await broadcast.flushed()
+
+
+async def _consume(run: Run, progress: Progress, broadcast: Broadcast) -> None:
+    async for event in agent_events(run, progress):
+        broadcast.emit(event)
+
+
+def _timing(run: Run, progress: Progress) -> dict[str, int]:
+    if progress.first_token_at is None:
+        return {}
+    return {"time_to_first_token_ms": round((progress.first_token_at - run.started) * 1000)}

@@ -1,0 +1,284 @@
+"""A run from its query to its saved answer: the one path every entry point takes.
+
+`open_run` takes one of the process's run slots, makes the run reachable by cancels and, in one hop to the
+database, takes the thread's lease and saves the user's message. `run_blocking` then awaits the model;
+`runs.pipeline` streams it. Both end in `close_run`, which saves the answer in one statement.
+"""
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from django.conf import settings
+from pydantic_ai.agent import AgentRunResult
+from pydantic_ai.messages import ModelMessage
+from pydantic_ai.models import Model
+from pydantic_ai.usage import RunUsage
+from pydantic_core import to_jsonable_python
+
+from agents.llm import agent_model, model_failure, model_label
+from agents.registry import AgentSpec, agent_spec
+from bankagent.db import db
+from bankagent.exceptions import ApplicationError, NotFound, RunInterrupted
+from bankagent.jsontypes import JSON, JSONObject
+from runs.broadcast import Broadcast
+from runs.events import Event, error_event
+from runs.hub import LocalRun, hub
+from runs.limits import slots
+from runs.services import RunStart, run_begin, run_finish, run_message_exists, run_renew
+from runs.sweeper import ensure_sweeper
+from threads.models import Message, Thread
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One exchange: the user's message and the assistant's answer to it."""
+
+    thread: Thread
+    user_message: Message
+    assistant_message: Message
+
+
+@dataclass(eq=False)
+class Run:
+    spec: AgentSpec
+    model: Model
+    query: str
+    start: RunStart
+    local: LocalRun
+    started: float
+
+    @property
+    def turn(self) -> Turn:
+        return Turn(self.start.thread, self.start.user_message, self.start.assistant_message)
+
+    @property
+    def message_id(self) -> uuid.UUID:
+        return self.start.assistant_message.pk
+
+
+@dataclass
+class Progress:
+    """What a streamed run has produced so far: checkpointed while it runs, saved if it stops early."""
+
+    text: str = ""
+    """The answer so far: accumulated text, or the JSON of the latest partial output."""
+    output: JSON = None
+    first_token_at: float | None = None
+    result: AgentRunResult[object] | None = None
+
+
+def _deps_for(agent_type: str, user_id: uuid.UUID) -> object:
+    return agent_spec(agent_type).deps_for(user_id)
+
+
+async def open_run(*, user_id: uuid.UUID, thread_id: uuid.UUID, query: str) -> Run:
+    """Take a slot and the thread's lease, and save the user's message; raises, writing nothing, when the model
+    is not configured, the process is at its bound of runs, or the thread is missing or busy."""
+    received_at = time.monotonic()
+    model = agent_model()
+    slots.take()
+    try:
+        try:
+            await hub().join_control(thread_id)
+        except Exception:
+            logger.warning("Cancels sent through other processes cannot reach a run on %s", thread_id, exc_info=True)
+        start = await db(run_begin)(
+            thread_id=thread_id,
+            user_id=user_id,
+            query=query,
+            model_label=model_label(model),
+            lease_seconds=settings.RUN_LEASE_SECONDS,
+            history_turns=settings.AGENT_HISTORY_TURNS,
+            deps_for=_deps_for,
+        )
+    except BaseException:
+        slots.give_back()
+        raise
+    local = LocalRun(thread_id=thread_id, received_at=received_at)
+    hub().register(local)
+    ensure_sweeper()
+    return Run(agent_spec(start.thread.agent_type), model, query, start, local, time.monotonic())
+
+
+def release(run: Run) -> None:
+    hub().unregister(run.local)
+    slots.give_back()
+
+
+async def keep_lease(run: Run, progress: Progress | None = None) -> None:
+    """Renew the run's lease while it runs, checkpointing its partial answer when it has changed.
+
+    Database errors are logged and retried: a lease must not lapse under a live run. A lease found lost
+    (its thread deleted, or the run interrupted meanwhile) stops the run.
+    """
+    renew_every = settings.RUN_LEASE_SECONDS / 3
+    tick = min(settings.RUN_CHECKPOINT_SECONDS, renew_every) if progress is not None else renew_every
+    renewed_at, saved, delay = time.monotonic(), "", 0.0
+    while True:
+        await asyncio.sleep(delay or tick)
+        changed = progress is not None and progress.text != saved
+        if not changed and not delay and time.monotonic() - renewed_at < renew_every - tick / 2:
+            continue
+        checkpoint = (progress.text, progress.output) if progress is not None and changed else None
+        try:
+            held = await db(run_renew)(
+                message_id=run.message_id, lease_seconds=settings.RUN_LEASE_SECONDS, checkpoint=checkpoint
+            )
+        except Exception:
+            delay = min(max(delay * 2, 0.1), tick)
+            logger.warning("Could not renew the lease of message %s; retrying", run.message_id, exc_info=True)
+            continue
+        if not held:
+            run.local.stop("lease_lost")
+            return
+        renewed_at, delay = time.monotonic(), 0.0
+        if checkpoint is not None:
+            saved = checkpoint[0]
+
+
+async def until_stopped(run: Run, model_call: Awaitable[R]) -> R:
+    """Await the model unless the run is stopped first (cancelled, or its lease lost): then CancelledError."""
+    task = asyncio.ensure_future(model_call)
+    run.local.on_stop = task.cancel
+    if run.local.stopped:
+        task.cancel()
+    try:
+        return await task
+    finally:
+        run.local.on_stop = None
+
+
+def usage_metadata(usage: RunUsage) -> dict[str, JSON]:
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "total_tokens": usage.total_tokens,
+        "requests": usage.requests,
+        "tool_calls": usage.tool_calls,
+    }
+
+
+async def close_run(
+    run: Run,
+    *,
+    status: str,
+    content: str,
+    output: JSON,
+    model_messages: list[ModelMessage] | None = None,
+    **metadata: JSON,
+) -> None:
+    """Save the run's answer. Raises NotFound (the thread was deleted meanwhile) or RunInterrupted (another
+    run took the lapsed lease over): the answer is then discarded."""
+    message = run.start.assistant_message
+    message.status, message.content = status, content
+    message.output = output if run.spec.structured else None
+    message.metadata = {"model": message.metadata.get("model"), "duration_ms": _elapsed_ms(run), **metadata}
+    saved = await db(run_finish)(
+        message_id=message.pk,
+        status=status,
+        content=content,
+        output=message.output,
+        metadata=message.metadata,
+        model_messages=to_jsonable_python(model_messages) if model_messages is not None else None,
+    )
+    if not saved:
+        gone = not await db(run_message_exists)(message_id=message.pk)
+        raise NotFound("The thread was deleted while the answer was being written.") if gone else RunInterrupted()
+
+
+def _elapsed_ms(run: Run) -> int:
+    return round((time.monotonic() - run.started) * 1000)
+
+
+def final_content(run: Run, output: JSON) -> str:
+    return json.dumps(output, ensure_ascii=False) if run.spec.structured else str(output)
+
+
+def error_info(error: ApplicationError) -> JSONObject:
+    return {"code": error.code, "message": error.message}
+
+
+def message_created(run: Run) -> Event:
+    user = run.start.user_message
+    return {"event": "message_created", "message": {"id": str(user.pk), "role": "user", "content": user.content}}
+
+
+def message_started(run: Run) -> Event:
+    return {"event": "message_started", "message_id": str(run.message_id)}
+
+
+def message_complete(run: Run) -> Event:
+    message = run.start.assistant_message
+    return {
+        "event": "message_complete",
+        "message_id": str(message.pk),
+        "status": message.status,
+        "content": message.content,
+        "output": message.output,
+    }
+
+
+async def run_blocking(*, user_id: uuid.UUID, thread_id: uuid.UUID, query: str) -> Turn:
+    """Answer `query` and return the saved exchange; a model failure is saved, then raised.
+
+    The run goes on if the caller goes away: its answer is saved all the same.
+    """
+    run = await open_run(user_id=user_id, thread_id=thread_id, query=query)
+    return await asyncio.shield(asyncio.create_task(_blocking(run)))
+
+
+async def _blocking(run: Run) -> Turn:
+    broadcast = Broadcast(thread_id=run.start.thread.pk, cumulative=run.spec.structured)
+    try:
+        broadcast.emit(message_created(run))
+        broadcast.emit(message_started(run))
+        keeper = asyncio.create_task(keep_lease(run))
+        try:
+            result = await until_stopped(
+                run,
+                run.spec.agent.run(run.query, message_history=run.start.history, deps=run.start.deps, model=run.model),
+            )
+        except asyncio.CancelledError:
+            if run.local.stopped is None:
+                raise
+            await _stopped(run)
+        except Exception as exc:
+            error = model_failure(exc)
+            await close_run(run, status=Message.Status.FAILED, content="", output=None, error=error_info(error))
+            raise error from exc
+        else:
+            content = final_content(run, result.output)
+            await close_run(
+                run,
+                status=Message.Status.COMPLETE,
+                content=content,
+                output=result.output,
+                model_messages=result.new_messages(),
+                usage=usage_metadata(result.usage),
+            )
+        finally:
+            keeper.cancel()
+        broadcast.emit(message_complete(run))
+    except ApplicationError as error:
+        broadcast.emit(error_event(error, message_id=str(run.message_id)))
+        raise
+    finally:
+        broadcast.emit({"event": "done"})
+        release(run)
+    return run.turn
+
+
+async def _stopped(run: Run) -> None:
+    """A cancelled blocking run has no partial answer to keep. One whose lease was lost no longer holds its
+    message: closing it raises what happened to it."""
+    await close_run(run, status=Message.Status.INCOMPLETE, content="", output=None, cancelled=True)
