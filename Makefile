@@ -20,7 +20,7 @@ run: $(BIN)/.installed
 	$(BIN)/python manage.py create_api_key dev --if-none
 	$(BIN)/python manage.py create_demo_login
 	@echo "Serving on http://$(HOST):$(PORT)/  (chat: http://$(HOST):$(PORT)/chat/, API docs: http://$(HOST):$(PORT)/api/docs/)"
-	$(BIN)/daphne -b $(HOST) -p $(PORT) bankagent.asgi:application
+	$(BIN)/python -m bankagent.serve --host $(HOST) --port $(PORT) --workers 1
 
 # Tests run with DEBUG off, as in production, so they need a secret of their own.
 test: export DJANGO_SECRET_KEY ?= test-only-secret-key
@@ -29,5 +29,6 @@ test: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
+# The service as production runs it, on the machine's PostgreSQL and Redis; results go to bench/results.jsonl.
 bench: $(BIN)/.installed
-	$(BIN)/python bench/blocking_query.py
+	$(BIN)/python bench/load.py $(BENCH_ARGS)

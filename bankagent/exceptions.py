@@ -7,6 +7,7 @@ exceptions (not authenticated, method not allowed, throttled, ...) render the sa
 import logging
 from collections.abc import Mapping
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.db import OperationalError
 from django.http import Http404, JsonResponse
@@ -26,7 +27,8 @@ class ApplicationError(drf.APIException):
     """Seconds a client should wait before trying again, sent as `Retry-After`."""
 
     def __init__(self, message: str | None = None, *, details: Mapping[str, JSON] | None = None) -> None:
-        super().__init__(message or self.default_detail, self.default_code)
+        # A default message may name a limit from the settings, where every limit is defined.
+        super().__init__(message or self.default_detail.format(settings=settings), self.default_code)
         self.details = dict(details) if details else None
 
     @property
@@ -120,7 +122,7 @@ class ThreadBusy(ApplicationError):
 
 class PayloadTooLarge(ApplicationError):
     status_code, default_code = 413, "payload_too_large"
-    default_detail = "The request body is larger than 65,536 bytes."
+    default_detail = "The request body is larger than {settings.MAX_BODY_BYTES:,} bytes."
 
 
 class UnsupportedMediaType(ApplicationError):
@@ -140,7 +142,7 @@ class ValidationFailed(ApplicationError):
 
 class QueryTooLong(ApplicationError):
     status_code, default_code = 422, "query_too_long"
-    default_detail = "query must be at most 8,000 characters."
+    default_detail = "query must be at most {settings.MAX_QUERY_CHARS:,} characters."
 
 
 class UnknownAgentType(ApplicationError):

@@ -1,5 +1,7 @@
 """bankagent settings: everything that differs between machines comes from the environment."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import environ
@@ -100,6 +102,9 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "timeout": env.float("SQLITE_BUSY_TIMEOUT", default=20),
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL",
     }
+    # Tests get a database file, not Django's shared in-memory one: it locks as production's file does (writers
+    # wait their turn) instead of failing a write that overlaps a read.
+    DATABASES["default"]["TEST"] = {"NAME": str(Path(tempfile.gettempdir()) / f"bankagent-test-{os.getpid()}.sqlite3")}
 
 REDIS_URL = env.str("REDIS_URL", default="")
 # Messages a channel may queue before sends to it are dropped. channels-redis counts one queue for all the

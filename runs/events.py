@@ -9,7 +9,9 @@ import json
 from collections import deque
 from enum import StrEnum
 
-from bankagent.exceptions import ApplicationError
+from rest_framework.exceptions import APIException
+
+from bankagent.exceptions import error_body
 from bankagent.jsontypes import JSON
 
 Event = dict[str, JSON]
@@ -23,11 +25,12 @@ class Dialect(StrEnum):
     """Deltas are named `token`, and tool events are left out."""
 
 
-def error_event(error: ApplicationError, **extra: JSON) -> Event:
+def error_event(error: APIException, **extra: JSON) -> Event:
     """The contract's error event: the same code and message as the HTTP error, under the seed's names."""
-    event: Event = {"event": "error", "error": error.message, "error_type": error.code, **extra}
-    if error.details:
-        event["details"] = error.details
+    body = error_body(error)["error"]
+    event: Event = {"event": "error", "error": body["message"], "error_type": body["code"], **extra}
+    if body.get("details"):
+        event["details"] = body["details"]
     return event
 
 

@@ -18,7 +18,7 @@ from pydantic_core import to_jsonable_python
 
 from agents.llm import model_failure
 from bankagent.db import serve_outside_requests
-from bankagent.exceptions import ApplicationError
+from bankagent.exceptions import ApplicationError, RunInterrupted, as_application_error
 from runs.broadcast import Broadcast
 from runs.events import Backlog, Event, error_event
 from runs.runner import (
@@ -163,11 +163,14 @@ async def execute(run: Run, broadcast: Broadcast) -> None:
         broadcast.emit(message_complete(run))
     except ApplicationError as error:
         broadcast.emit(error_event(error, message_id=str(run.message_id)))
-    except Exception:
+    except Exception as exc:
         # Whatever failed, the readers must not wait for a `done` that never comes.
         logger.exception("Could not save the answer of thread %s", run.start.thread.pk)
-        broadcast.emit(error_event(ApplicationError(), message_id=str(run.message_id)))
+        broadcast.emit(error_event(as_application_error(exc), message_id=str(run.message_id)))
     finally:
+        if (task := asyncio.current_task()) is not None and task.cancelling():
+            # Stopped from outside (the server shutting down): the answer is left to be marked interrupted.
+            broadcast.emit(error_event(RunInterrupted(), message_id=str(run.message_id)))
         broadcast.emit({"event": "done"})
         release(run)
         await broadcast.flushed()

@@ -10,11 +10,12 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 from pydantic_ai.agent import AgentRunResult
 from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models import Model
@@ -24,7 +25,7 @@ from pydantic_core import to_jsonable_python
 from agents.llm import agent_model, model_failure, model_label
 from agents.registry import AgentSpec, agent_spec
 from bankagent.db import db
-from bankagent.exceptions import ApplicationError, NotFound, RunInterrupted
+from bankagent.exceptions import ApplicationError, NotFound, RunInterrupted, as_application_error
 from bankagent.jsontypes import JSON, JSONObject
 from runs.broadcast import Broadcast
 from runs.events import Event, error_event
@@ -183,7 +184,8 @@ async def close_run(
     message.status, message.content = status, content
     message.output = output if run.spec.structured else None
     message.metadata = {"model": message.metadata.get("model"), "duration_ms": _elapsed_ms(run), **metadata}
-    saved = await db(run_finish)(
+    saved = await _retrying(
+        db(run_finish),
         message_id=message.pk,
         status=status,
         content=content,
@@ -194,6 +196,22 @@ async def close_run(
     if not saved:
         gone = not await db(run_message_exists)(message_id=message.pk)
         raise NotFound("The thread was deleted while the answer was being written.") if gone else RunInterrupted()
+
+
+SAVE_RETRY_DELAYS = (0.1, 0.5, 2.0)
+"""Pauses between attempts to save an answer after a transient database error (a lost connection, a lock)."""
+
+
+async def _retrying(save: Callable[..., Awaitable[bool]], **fields: object) -> bool:
+    for delay in (*SAVE_RETRY_DELAYS, None):
+        try:
+            return await save(**fields)
+        except (OperationalError, InterfaceError):
+            if delay is None:
+                raise
+            logger.warning("Could not save an answer; retrying in %.1f s", delay, exc_info=True)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def _elapsed_ms(run: Run) -> int:
@@ -269,8 +287,9 @@ async def _blocking(run: Run) -> Turn:
         finally:
             keeper.cancel()
         broadcast.emit(message_complete(run))
-    except ApplicationError as error:
-        broadcast.emit(error_event(error, message_id=str(run.message_id)))
+    except Exception as exc:
+        # Whatever failed (saving the answer, most likely), readers must not get `done` alone.
+        broadcast.emit(error_event(as_application_error(exc), message_id=str(run.message_id)))
         raise
     finally:
         broadcast.emit({"event": "done"})

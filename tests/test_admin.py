@@ -1,6 +1,5 @@
 """The Django admin pages for threads, messages, API keys and customers render for a superuser."""
 
-import uuid
 from datetime import timedelta
 
 import pytest
@@ -9,24 +8,19 @@ from django.utils import timezone
 
 from bank.models import DEMO_USER_ID, Customer
 from identity.models import APIKey
-from threads import services
 from threads.models import Message, Thread
 
 
 @pytest.fixture
-def conversation(make_thread) -> Thread:
+def conversation(make_thread, make_turn) -> Thread:
     """A thread of three finished turns whose timestamps run backwards, so only `seq` orders them."""
     thread = make_thread(title="Lost card conversation")
     now = timezone.now()
     for index, prompt in enumerate(["alpha question", "beta question", "gamma question"]):
-        run_token = uuid.uuid4()
-        _, assistant = services.turn_start(thread=thread, query=prompt, run_token=run_token, lease_seconds=30)
-        services.turn_finish(
-            message=assistant,
-            run_token=run_token,
-            status=Message.Status.COMPLETE,
-            content=f"{prompt.split()[0]} answer",
-            output=None,
+        make_turn(
+            thread,
+            query=prompt,
+            answer=f"{prompt.split()[0]} answer",
             metadata={"model": "demo", "duration_ms": 4321 + index, "usage": {"total_tokens": 17}},
         )
     for message in Message.objects.filter(thread=thread):

@@ -2,11 +2,16 @@
 
 import uuid
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from identity import authentication
+from identity.authentication import _recent as recent_keys
 from identity.models import APIKey
 from threads.models import Message, Thread
 
@@ -82,11 +87,12 @@ def test_wrong_key_writes_nothing(db):
     assert counts() == before
 
 
-def test_revoked_key_is_401(db):
+def test_revoked_key_is_401_where_it_was_not_verified_lately(db):
     api_key, key = APIKey.objects.create_key(name="revoked")
     assert keyed(key).get(THREADS).status_code == 200
     api_key.revoked = True
     api_key.save()
+    recent_keys.clear()  # as in a process that has not seen the key lately
 
     response = keyed(key).get(THREADS)
 
@@ -115,6 +121,78 @@ def test_expired_key_writes_nothing(db):
 
     assert response.status_code == 401
     assert counts() == before
+
+
+# The cache of verified keys
+
+
+@pytest.fixture
+def key_clock(monkeypatch, settings):
+    """The clock of the API key cache, frozen; the test moves it. Only authentication's clock: the rest runs on."""
+    settings.API_KEY_CACHE_SECONDS = 5
+    now = [1_000.0]
+    monkeypatch.setattr(authentication, "time", SimpleNamespace(monotonic=lambda: now[0]))
+
+    def advance_to(seconds: float) -> None:
+        now[0] = 1_000.0 + seconds
+
+    return advance_to
+
+
+def api_key_queries(captured: CaptureQueriesContext) -> list[str]:
+    return [query["sql"] for query in captured if APIKey._meta.db_table in query["sql"]]
+
+
+def test_revoked_key_keeps_working_for_at_most_api_key_cache_seconds_then_is_401(db, key_clock):
+    api_key, key = APIKey.objects.create_key(name="revoked")
+    assert keyed(key).get(THREADS).status_code == 200
+    api_key.revoked = True
+    api_key.save()
+
+    key_clock(4.999)
+    assert keyed(key).get(THREADS).status_code == 200
+    key_clock(5)
+    assert_error(keyed(key).get(THREADS), 401, "authentication_failed")
+    key_clock(4_000)
+    assert_error(keyed(key).get(THREADS), 401, "authentication_failed")
+
+
+def test_expired_key_is_401_at_once_even_while_it_is_remembered(db, key_clock, monkeypatch):
+    expiry = timezone.now() + timedelta(hours=1)
+    api_key, key = APIKey.objects.create_key(name="expiring", expiry_date=expiry)
+    assert keyed(key).get(THREADS).status_code == 200
+    # Revoked too: from here on only the remembered grant can let the key in.
+    api_key.revoked = True
+    api_key.save()
+    assert keyed(key).get(THREADS).status_code == 200
+
+    monkeypatch.setattr(timezone, "now", lambda: expiry)
+
+    assert_error(keyed(key).get(THREADS), 401, "authentication_failed")
+
+
+def test_wrong_key_is_401_and_its_refusal_is_remembered_without_a_query(db, key_clock):
+    with CaptureQueriesContext(connection) as first:
+        assert_error(keyed(WRONG_KEY).get(THREADS), 401, "authentication_failed")
+    key_clock(4.999)
+    with CaptureQueriesContext(connection) as again:
+        assert_error(keyed(WRONG_KEY).get(THREADS), 401, "authentication_failed")
+    key_clock(5)
+    with CaptureQueriesContext(connection) as later:
+        assert_error(keyed(WRONG_KEY).get(THREADS), 401, "authentication_failed")
+
+    assert api_key_queries(first)
+    assert api_key_queries(again) == []
+    assert api_key_queries(later)
+
+
+def test_remembered_key_is_verified_without_a_query(api_key, key_clock):
+    assert keyed(api_key).get(THREADS).status_code == 200
+
+    with CaptureQueriesContext(connection) as captured:
+        assert keyed(api_key).get(THREADS).status_code == 200
+
+    assert api_key_queries(captured) == []
 
 
 # X-User-ID

@@ -1,5 +1,6 @@
 """The threads, messages, agents and blocking query endpoints, against the contract in API.md."""
 
+import asyncio
 import json
 import re
 import uuid
@@ -8,11 +9,30 @@ from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from django.db import DatabaseError, OperationalError
 from django.test.client import FakePayload
 from django.utils import timezone
+from psycopg_pool import PoolTimeout
 from pydantic import AwareDatetime, BaseModel
+from pydantic_ai.exceptions import (
+    ModelAuthenticationError,
+    ModelConnectionError,
+    ModelHTTPError,
+    ModelRateLimitError,
+    ModelRequestTimeout,
+    ModelTimeoutError,
+    ModelUnavailableError,
+)
+from pydantic_ai.messages import ModelResponse, TextPart
+from pydantic_ai.models.function import FunctionModel
+from rest_framework.test import APIClient
 
-from threads import services
+import runs.runner
+from bankagent.db import db
+from identity.models import APIKey
+from runs.hub import hub
+from runs.limits import slots
+from runs.services import run_begin, run_renew
 from threads.models import Message, Thread
 
 THREADS = "/api/v1/threads"
@@ -20,6 +40,8 @@ QUERY = "/api/v1/agent/query"
 THREAD_KEYS = {"id", "user_id", "agent_type", "title", "metadata", "created_at", "updated_at"}
 MESSAGE_KEYS = {"id", "thread_id", "role", "content", "output", "status", "metadata", "created_at"}
 BALANCE_QUESTION = "What is my balance?"
+SECRET_SQL = 'UPDATE "threads_message" SET "content" = \'secret\' WHERE id = 1'
+SECRET_BODY = "provider said: sk-live-0123456789"
 
 
 # The shapes the seed's own Python client validates (extra fields are ignored, as pydantic does by default).
@@ -122,13 +144,72 @@ def make_messages(thread: Thread, count: int) -> list[Message]:
     return messages
 
 
-def start_turn(thread: Thread, query: str) -> tuple[Message, Message]:
-    """A turn whose run is still going (its lease lapses at once, so the next turn may start)."""
-    return services.turn_start(thread=thread, query=query, run_token=uuid.uuid4(), lease_seconds=0)
+def start_run(thread: Thread, query: str) -> tuple[Message, Message]:
+    """A turn whose run is still going: the question, and the answer it is writing under a live lease."""
+    start = run_begin(
+        thread_id=thread.pk,
+        user_id=thread.user_id,
+        query=query,
+        model_label="test",
+        lease_seconds=30,
+        history_turns=0,
+        deps_for=lambda agent_type, user_id: None,
+    )
+    return start.user_message, start.assistant_message
+
+
+def lapse(message: Message) -> None:
+    """The lease of a run whose process died: it was not renewed in time."""
+    Message.objects.filter(pk=message.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
 
 
 def ask(client, thread_id: Any, query: str = BALANCE_QUESTION):
     return client.post(QUERY, {"thread_id": str(thread_id), "query": query}, format="json")
+
+
+def detail_messages(client, thread: Thread) -> list[dict[str, Any]]:
+    response = client.get(f"{THREADS}/{thread.id}")
+    assert response.status_code == 200, response.content
+    return response.json()["messages"]
+
+
+def listed_messages(client, thread: Thread) -> list[dict[str, Any]]:
+    response = client.get(f"{THREADS}/{thread.id}/messages")
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+def assert_error(response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.content
+    assert response["Content-Type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert isinstance(error["message"], str) and error["message"]
+    return error
+
+
+def assert_no_internals(response, error: dict[str, Any]) -> None:
+    """Never a traceback, a statement, a provider's words or a secret in an error."""
+    content = response.content.decode()
+    for internal in ("Traceback", "SELECT", "UPDATE", "locked", "threads_message", "sk-live", "provider said"):
+        assert internal not in content, (internal, error)
+
+
+@pytest.fixture
+def use_model(settings):
+    def use(function) -> FunctionModel:
+        settings.AGENT_MODEL = FunctionModel(function)
+        return settings.AGENT_MODEL
+
+    return use
+
+
+@pytest.fixture
+def free_slots():
+    """Every run, however it ends, gives its slot back."""
+    taken = slots.taken
+    yield
+    assert slots.taken == taken
 
 
 # Create
@@ -317,7 +398,7 @@ def test_following_links_of_a_filtered_list_stays_filtered(client, make_thread):
 
 def test_detail_is_the_thread_with_its_messages_and_has_more_messages(client, make_thread):
     thread = make_thread(title="detail")
-    start_turn(thread, "hello")
+    start_run(thread, "hello")
 
     response = client.get(f"{THREADS}/{thread.id}")
 
@@ -328,7 +409,7 @@ def test_detail_is_the_thread_with_its_messages_and_has_more_messages(client, ma
     assert body["has_more_messages"] is False
     assert [(m["role"], m["content"], m["status"]) for m in body["messages"]] == [
         ("user", "hello", "complete"),
-        ("assistant", "", "incomplete"),
+        ("assistant", "", "in_progress"),
     ]
     for message in body["messages"]:
         assert set(message) == MESSAGE_KEYS
@@ -360,10 +441,10 @@ def test_detail_of_a_thread_with_exactly_50_messages_has_no_more(client, make_th
     assert body["has_more_messages"] is False
 
 
-def test_detail_of_55_turn_messages_made_by_turn_start_keeps_the_window(client, make_thread):
+def test_detail_of_55_turn_messages_made_by_runs_keeps_the_window(client, make_thread, make_turn):
     thread = make_thread()
     for index in range(28):
-        start_turn(thread, f"question {index}")
+        make_turn(thread, query=f"question {index}")
     Message.objects.filter(thread=thread).update(created_at=timezone.now())
 
     body = client.get(f"{THREADS}/{thread.id}").json()
@@ -431,12 +512,12 @@ def test_patch_ignores_read_only_fields_and_never_changes_the_owner(client, make
 # Delete
 
 
-def test_delete_answers_204_removes_the_messages_and_then_the_thread_is_404(client, make_thread):
+def test_delete_answers_204_removes_the_messages_and_then_the_thread_is_404(client, make_thread, make_turn):
     thread = make_thread()
-    start_turn(thread, "first")
-    start_turn(thread, "second")
+    make_turn(thread, query="first")
+    start_run(thread, "second")
     kept = make_thread()
-    start_turn(kept, "unrelated")
+    make_turn(kept, query="unrelated")
 
     response = client.delete(f"{THREADS}/{thread.id}")
 
@@ -541,7 +622,7 @@ def test_foreign_thread_is_404_everywhere_like_a_missing_one_and_writes_nothing(
     client, make_thread, other_user_id, call
 ):
     foreign = make_thread(user=other_user_id, title="theirs", metadata={"secret": "yes"})
-    start_turn(foreign, "their question")
+    start_run(foreign, "their question")  # busy, too: still a 404, never a 409
     before = snapshot(foreign)
 
     missing = call(client, uuid.uuid4())
@@ -572,7 +653,8 @@ def test_query_answers_in_the_seed_shape_plus_user_message_id_and_output(client,
 
     assert response.status_code == 200, response.content
     body = response.json()
-    assert set(body) == {"thread_id", "message_id", "user_message_id", "response", "output"}
+    assert set(body) == {"thread_id", "message_id", "user_message_id", "response", "output", "status"}
+    assert body["status"] == "complete"
     seed = AgentResponse.model_validate(body)
     assert seed.thread_id == thread.id
     for key in ("thread_id", "message_id", "user_message_id"):
@@ -661,3 +743,264 @@ def test_query_on_a_text_agent_answers_text_with_null_output(client, make_thread
     assert body["output"] is None
     assert body["response"]
     assert Message.objects.get(pk=body["message_id"]).content == body["response"]
+
+
+def test_query_answer_carries_status_complete(client, make_thread):
+    response = ask(client, make_thread(agent_type="general_chat").id, "Hello there")
+
+    assert response.status_code == 200, response.content
+    assert response.json()["status"] == "complete"
+    assert Message.objects.get(pk=response.json()["message_id"]).status == "complete"
+
+
+def test_legacy_dialect_key_gets_the_same_blocking_answer_shape(make_thread, user_id):
+    _, legacy_key = APIKey.objects.create_key(name="old client", events=APIKey.Events.LEGACY)
+    _, standard_key = APIKey.objects.create_key(name="new client")
+    answers = {}
+    for name, key in {"legacy": legacy_key, "standard": standard_key}.items():
+        api = APIClient()
+        api.credentials(HTTP_X_API_KEY=key, HTTP_X_USER_ID=str(user_id))
+        response = ask(api, make_thread().id)
+        assert response.status_code == 200, response.content
+        answers[name] = response.json()
+
+    assert set(answers["legacy"]) == set(answers["standard"])
+    assert {key: type(value) for key, value in answers["legacy"].items()} == {
+        key: type(value) for key, value in answers["standard"].items()
+    }
+    assert answers["legacy"]["status"] == "complete"
+    assert json.loads(answers["legacy"]["response"]) == answers["legacy"]["output"]
+
+
+def test_cancelled_query_answers_200_with_status_incomplete(client, make_thread, use_model):
+    thread = make_thread(agent_type="general_chat")
+
+    async def cancelled_while_answering(messages, info) -> ModelResponse:
+        await hub().cancel(thread.pk)  # as a reader of the thread would
+        await asyncio.Event().wait()  # the model answers only when stopped
+        raise AssertionError("the run was not stopped")
+
+    use_model(cancelled_while_answering)
+
+    response = ask(client, thread.id, "Tell me a long story")
+
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert (body["status"], body["response"], body["output"]) == ("incomplete", "", None)
+    assert Message.objects.get(pk=body["message_id"]).status == "incomplete"
+
+
+# Answers being written, and answers whose run died
+
+
+@pytest.mark.parametrize("read", [detail_messages, listed_messages], ids=["detail", "messages"])
+def test_an_answer_whose_run_died_reads_as_failed_run_interrupted_keeping_its_text(client, make_thread, read):
+    thread = make_thread(agent_type="general_chat")
+    _, answer = start_run(thread, "Tell me a story")
+    run_renew(message_id=answer.pk, lease_seconds=30, checkpoint=("Once upon", None))
+    lapse(answer)
+
+    question_shown, answer_shown = read(client, thread)
+
+    assert (question_shown["status"], question_shown["content"]) == ("complete", "Tell me a story")
+    assert (answer_shown["id"], answer_shown["status"], answer_shown["content"]) == (
+        str(answer.pk),
+        "failed",
+        "Once upon",
+    )
+    assert answer_shown["metadata"]["error"]["code"] == "run_interrupted"
+    assert answer_shown["metadata"]["model"] == "test"
+    stored = Message.objects.get(pk=answer.pk)
+    assert (stored.status, stored.lease_expires_at) == ("failed", None)
+    assert ask(client, thread.id, "Again").status_code == 200
+
+
+@pytest.mark.parametrize("read", [detail_messages, listed_messages], ids=["detail", "messages"])
+def test_an_answer_being_written_reads_as_in_progress_with_its_checkpointed_text(client, make_thread, read):
+    thread = make_thread()
+    _, answer = start_run(thread, BALANCE_QUESTION)
+    partial = {"support_advice": "John, your bal"}
+    run_renew(message_id=answer.pk, lease_seconds=30, checkpoint=(json.dumps(partial), partial))
+
+    _, answer_shown = read(client, thread)
+
+    assert (answer_shown["status"], answer_shown["content"], answer_shown["output"]) == (
+        "in_progress",
+        json.dumps(partial),
+        partial,
+    )
+    assert "error" not in answer_shown["metadata"]
+    assert Message.objects.get(pk=answer.pk).status == "in_progress"
+    assert_error(ask(client, thread.id), 409, "thread_busy")
+
+
+# Blocking query: what goes wrong
+
+
+def test_query_on_a_thread_deleted_while_the_model_runs_is_404_and_leaves_nothing_behind(
+    client, make_thread, use_model, free_slots
+):
+    thread = make_thread(agent_type="general_chat")
+
+    async def thread_deleted_meanwhile(messages, info) -> ModelResponse:
+        await db(Thread.objects.filter(pk=thread.pk).delete)()
+        return ModelResponse(parts=[TextPart("Too late")])
+
+    use_model(thread_deleted_meanwhile)
+
+    response = ask(client, thread.id, "Hello")
+
+    assert_error(response, 404, "not_found")
+    assert "Too late" not in response.content.decode()
+    assert not Thread.objects.filter(pk=thread.pk).exists()
+    assert not Message.objects.exists()
+
+
+def test_query_whose_lease_another_run_took_over_is_503_run_interrupted(client, make_thread, use_model, free_slots):
+    thread = make_thread(agent_type="general_chat")
+
+    def another_run_takes_over() -> None:
+        # This run looked dead (its lease lapsed): the next query on the thread takes the lease over.
+        Message.objects.filter(thread=thread, status="in_progress").update(
+            lease_expires_at=timezone.now() - timedelta(seconds=1)
+        )
+        start_run(thread, "Asked again")
+
+    async def taken_over_meanwhile(messages, info) -> ModelResponse:
+        await db(another_run_takes_over)()
+        return ModelResponse(parts=[TextPart("Too late")])
+
+    use_model(taken_over_meanwhile)
+
+    response = ask(client, thread.id, "Hello")
+
+    assert_error(response, 503, "run_interrupted")
+    stored = list(Message.objects.filter(thread=thread).order_by("seq"))
+    assert [(m.role, m.status, m.content) for m in stored] == [
+        ("user", "complete", "Hello"),
+        ("assistant", "failed", ""),
+        ("user", "complete", "Asked again"),
+        ("assistant", "in_progress", ""),
+    ]
+    assert stored[1].metadata["error"]["code"] == "run_interrupted"
+
+
+def test_query_past_run_concurrency_is_503_overloaded_with_retry_after_and_writes_nothing(
+    client, make_thread, settings, monkeypatch
+):
+    settings.RUN_CONCURRENCY = 1
+    monkeypatch.setattr(slots, "taken", 1)  # another run holds the process's only slot
+    thread = make_thread()
+    before = snapshot(thread)
+
+    response = ask(client, thread.id)
+
+    assert_error(response, 503, "overloaded")
+    assert int(response["Retry-After"]) >= 1
+    assert snapshot(thread) == before
+    assert slots.taken == 1
+
+
+@pytest.mark.parametrize(
+    "busy",
+    [
+        lambda: OperationalError("database is locked"),
+        lambda: OperationalError(f"database is locked: {SECRET_SQL}"),
+        lambda: PoolTimeout("couldn't get a connection after 10.00 sec"),
+    ],
+    ids=["sqlite locked", "sqlite locked with its statement", "pool timeout"],
+)
+def test_query_while_the_database_stays_busy_is_503_database_busy_and_writes_nothing(
+    client, make_thread, monkeypatch, busy, free_slots
+):
+    def database_busy(**kwargs: object) -> None:
+        raise busy()
+
+    monkeypatch.setattr(runs.runner, "run_begin", database_busy)
+    thread = make_thread()
+    before = snapshot(thread)
+
+    response = ask(client, thread.id)
+
+    error = assert_error(response, 503, "database_busy")
+    assert int(response["Retry-After"]) >= 1
+    assert_no_internals(response, error)
+    assert snapshot(thread) == before
+
+
+MODEL_FAILURES = {
+    "transport timeout": (lambda: ModelTimeoutError("m", f"timed out {SECRET_BODY}"), 504, "model_timeout"),
+    "request deadline": (lambda: ModelRequestTimeout("m", 30.0), 504, "model_timeout"),
+    "rate limited": (
+        lambda: ModelHTTPError.for_category(ModelRateLimitError, status_code=429, model_name="m", body=SECRET_BODY),
+        503,
+        "model_unavailable",
+    ),
+    "unavailable": (
+        lambda: ModelHTTPError.for_category(ModelUnavailableError, status_code=503, model_name="m", body=SECRET_BODY),
+        503,
+        "model_unavailable",
+    ),
+    "unreachable": (lambda: ModelConnectionError("m", f"refused {SECRET_BODY}"), 503, "model_unavailable"),
+    "credentials refused": (
+        lambda: ModelHTTPError.for_category(
+            ModelAuthenticationError, status_code=401, model_name="m", body=SECRET_BODY
+        ),
+        503,
+        "model_not_configured",
+    ),
+    "provider error": (
+        lambda: ModelHTTPError(status_code=500, model_name="m", body=SECRET_BODY),
+        502,
+        "model_error",
+    ),
+}
+
+
+@pytest.mark.parametrize(("failure", "status", "code"), MODEL_FAILURES.values(), ids=MODEL_FAILURES.keys())
+def test_model_failure_answers_its_status_and_saves_a_failed_answer(
+    client, make_thread, use_model, failure, status, code, free_slots
+):
+    def failing(messages, info) -> ModelResponse:
+        raise failure()
+
+    use_model(failing)
+    thread = make_thread()
+
+    response = ask(client, thread.id)
+
+    error = assert_error(response, status, code)
+    assert_no_internals(response, error)
+    question, answer = Message.objects.filter(thread=thread).order_by("seq")
+    assert (question.role, question.content) == ("user", BALANCE_QUESTION)
+    assert (answer.status, answer.metadata["error"]["code"], answer.lease_expires_at) == ("failed", code, None)
+    assert SECRET_BODY not in json.dumps(answer.metadata)
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "code"),
+    [
+        (lambda: DatabaseError(f"server closed the connection unexpectedly {SECRET_SQL}"), 500, "internal_error"),
+        (lambda: OperationalError("database is locked"), 503, "database_busy"),
+    ],
+    ids=["connection lost", "locked"],
+)
+def test_database_error_while_saving_the_answer_is_a_clean_json_error_and_the_question_is_kept(
+    client, make_thread, monkeypatch, fault, status, code, free_slots
+):
+    def saving_fails(**kwargs: object) -> bool:
+        raise fault()
+
+    monkeypatch.setattr(runs.runner, "run_finish", saving_fails)
+    thread = make_thread()
+
+    response = ask(client, thread.id)
+
+    error = assert_error(response, status, code)
+    assert_no_internals(response, error)
+    question, answer = Message.objects.filter(thread=thread).order_by("seq")
+    assert (question.content, answer.status) == (BALANCE_QUESTION, "in_progress")
+    # Its lease is no longer renewed: once it lapses, the answer reads as interrupted and the thread is free.
+    lapse(answer)
+    shown = client.get(f"{THREADS}/{thread.id}").json()["messages"][1]
+    assert (shown["status"], shown["metadata"]["error"]["code"]) == ("failed", "run_interrupted")

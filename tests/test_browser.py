@@ -1,6 +1,6 @@
-"""The chat page in a real browser: Debian's Chromium, driven by Playwright, against a live daphne process.
+"""The chat page in a real browser: Debian's Chromium, driven by Playwright, against the live service.
 
-The server runs as in production (DEBUG off, collected static files served by whitenoise) on the test database,
+The server runs as in production (DEBUG off, collected static files served by servestatic) on the test database,
 which it shares with this process: PostgreSQL only. Without PostgreSQL or Chromium these tests are skipped,
 unless BROWSER_TESTS=required (as in CI), where that is a failure.
 """
@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from io import StringIO
 from itertools import pairwise
@@ -21,8 +20,8 @@ from django.core.management import call_command
 from django.db import connection
 
 from agents.demo_script import POEM
+from runs.services import run_begin, run_finish
 from tests.test_fanout_processes import free_port, wait_healthy
-from threads import services
 from threads.models import Message, Thread
 
 try:
@@ -68,7 +67,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 class LiveServer:
-    """One daphne process on the test database; stopped and started again on the same port to drop sockets."""
+    """The service as production runs it (`python -m bankagent.serve`), one worker on the test database; stopped and
+    started again on the same port to drop sockets."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.env, self.log = env, log
@@ -77,16 +77,7 @@ class LiveServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "daphne",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-            "bankagent.asgi:application",
-        ]
+        command = [sys.executable, "-m", "bankagent.serve", "--port", str(self.port), "--workers", "1"]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         wait_healthy(self.port, self.process)
@@ -99,7 +90,7 @@ class LiveServer:
 
 
 @pytest.fixture(scope="module")
-def daphne_server(_browser_available, django_db_setup, tmp_path_factory) -> Iterator[LiveServer]:
+def service(_browser_available, django_db_setup, tmp_path_factory) -> Iterator[LiveServer]:
     folder = tmp_path_factory.mktemp("live")
     db = connection.settings_dict
     env = {
@@ -115,7 +106,7 @@ def daphne_server(_browser_available, django_db_setup, tmp_path_factory) -> Iter
     env.pop("REDIS_URL", None)  # one process: the in-memory channel layer is enough
     collect = [sys.executable, "manage.py", "collectstatic", "--noinput", "-v", "0"]
     subprocess.run(collect, cwd=ROOT, env=env, check=True)
-    server = LiveServer(env, folder / "daphne.log")
+    server = LiveServer(env, folder / "server.log")
     server.start()
     try:
         yield server
@@ -131,7 +122,7 @@ def demo_password(demo_customer) -> str:
 
 
 @pytest.fixture
-async def page(daphne_server) -> AsyncIterator:
+async def page(service) -> AsyncIterator:
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         context = await browser.new_context(viewport={"width": 1200, "height": 820})
@@ -144,13 +135,13 @@ async def page(daphne_server) -> AsyncIterator:
         await browser.close()
 
 
-async def sign_in(page, daphne_server: LiveServer, password: str) -> None:
-    await page.goto(f"{daphne_server.url}/chat/")
+async def sign_in(page, service: LiveServer, password: str) -> None:
+    await page.goto(f"{service.url}/chat/")
     assert "/accounts/login/" in page.url
     await page.get_by_label("Username").fill("demo")
     await page.get_by_label("Password").fill(password)
     await page.get_by_role("button", name="Sign in").click()
-    await page.wait_for_url(f"{daphne_server.url}/chat/**")
+    await page.wait_for_url(f"{service.url}/chat/**")
 
 
 async def new_thread(page, agent_type: str) -> None:
@@ -196,8 +187,8 @@ def last_answer(page):
     return page.locator(".message.assistant").last
 
 
-async def test_bank_support_answer_streams_in_place_and_the_thread_keeps_it(page, daphne_server, demo_password):
-    await sign_in(page, daphne_server, demo_password)
+async def test_bank_support_answer_streams_in_place_and_the_thread_keeps_it(page, service, demo_password):
+    await sign_in(page, service, demo_password)
     await new_thread(page, "bank_support")
     await page.evaluate(WATCH_ANSWER)
 
@@ -259,9 +250,9 @@ async def test_bank_support_answer_streams_in_place_and_the_thread_keeps_it(page
     )
 
 
-async def test_stop_marks_a_long_answer_incomplete_at_phone_width(page, daphne_server, demo_password):
+async def test_stop_marks_a_long_answer_incomplete_at_phone_width(page, service, demo_password):
     await page.set_viewport_size({"width": 390, "height": 780})
-    await sign_in(page, daphne_server, demo_password)
+    await sign_in(page, service, demo_password)
     await new_thread(page, "general_chat")
 
     await ask(page, "Write me a poem")
@@ -292,16 +283,16 @@ async def test_stop_marks_a_long_answer_incomplete_at_phone_width(page, daphne_s
     assert page.errors == []
 
 
-async def test_dropped_socket_reconnects_and_reloads_the_thread(page, daphne_server, demo_password):
-    await sign_in(page, daphne_server, demo_password)
+async def test_dropped_socket_reconnects_and_reloads_the_thread(page, service, demo_password):
+    await sign_in(page, service, demo_password)
     await new_thread(page, "bank_support")
     thread = await sync_to_async(Thread.objects.get)()
 
-    await sync_to_async(daphne_server.stop)()
+    await sync_to_async(service.stop)()
     await expect(page.get_by_role("status")).to_contain_text("Connection lost")
     # While this page is away, an answer lands on the thread from elsewhere.
     await sync_to_async(_finished_turn)(thread, "Sent from my phone", "Answered while you were away.")
-    await sync_to_async(daphne_server.start)()
+    await sync_to_async(service.start)()
 
     await expect(page.get_by_role("status")).to_have_text("", timeout=20_000)
     await expect(page.locator(".message.user")).to_have_text(["Sent from my phone"])
@@ -311,12 +302,12 @@ async def test_dropped_socket_reconnects_and_reloads_the_thread(page, daphne_ser
     await expect(last_answer(page)).to_have_attribute("data-status", "complete")
 
 
-async def test_earlier_messages_load_on_demand(page, daphne_server, demo_password, demo_customer):
+async def test_earlier_messages_load_on_demand(page, service, demo_password, demo_customer):
     thread = await Thread.objects.acreate(user_id=demo_customer.user_id, agent_type="bank_support", title="Long")
     for index in range(30):
         await sync_to_async(_finished_turn)(thread, f"Question {index}", f"Answer {index}.")
 
-    await sign_in(page, daphne_server, demo_password)
+    await sign_in(page, service, demo_password)
     await expect(page.locator("#thread-title")).to_have_text("Long")
     # The latest 50 of the 60 messages, then the 10 before them, in order.
     await expect(page.locator(".message")).to_have_count(50)
@@ -329,12 +320,18 @@ async def test_earlier_messages_load_on_demand(page, daphne_server, demo_passwor
 
 
 def _finished_turn(thread: Thread, query: str, advice: str) -> None:
-    run_token = uuid.uuid4()
-    _, answer = services.turn_start(thread=thread, query=query, run_token=run_token, lease_seconds=30)
+    start = run_begin(
+        thread_id=thread.pk,
+        user_id=thread.user_id,
+        query=query,
+        model_label="test",
+        lease_seconds=30,
+        history_turns=0,
+        deps_for=lambda agent_type, user_id: None,
+    )
     output = {"support_advice": advice, "block_card": False, "risk_level": 1, "follow_up_actions": []}
-    services.turn_finish(
-        message=answer,
-        run_token=run_token,
+    run_finish(
+        message_id=start.assistant_message.pk,
         status=Message.Status.COMPLETE,
         content=json.dumps(output),
         output=output,

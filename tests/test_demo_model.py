@@ -8,12 +8,12 @@ from pydantic_ai.messages import ToolCallPart
 
 from agents.bank_support import support_agent, support_deps
 from agents.demo import build_demo_model
-from agents.runner import run_query
+from runs.runner import run_blocking
 from threads.models import Message
 
 
 def ask(thread, query) -> Message:
-    turn = async_to_sync(run_query)(thread=thread, query=query)
+    turn = async_to_sync(run_blocking)(user_id=thread.user_id, thread_id=thread.pk, query=query)
     return Message.objects.get(pk=turn.assistant_message.pk)
 
 
@@ -65,8 +65,9 @@ def test_poem_request_gets_a_long_answer(make_thread):
 
 
 def test_structured_answer_streams_in_growing_valid_chunks(db, user_id):
+    deps = support_deps(user_id)
+
     async def stream() -> list[dict]:
-        deps = await support_deps(str(user_id))
         model = build_demo_model(delay_ms=0)
         async with support_agent.run_stream("I lost my card", deps=deps, model=model) as result:
             return [partial async for partial in result.stream_output(debounce_by=None)]
@@ -82,8 +83,9 @@ def test_structured_answer_streams_in_growing_valid_chunks(db, user_id):
 
 
 def test_demo_model_reads_tool_results_from_the_request(db, user_id):
+    deps = support_deps(user_id)
+
     async def run():
-        deps = await support_deps(str(user_id))
         return await support_agent.run("balance please", deps=deps, model=build_demo_model(delay_ms=0))
 
     result = async_to_sync(run)()

@@ -1,7 +1,14 @@
+"""The blocking run (runs.runner.run_blocking): the model through the real agents, tools and database, the
+answer saved, its events broadcast, its lease kept, and what happens when it is cancelled, abandoned or stopped."""
+
+import asyncio
 import json
+from datetime import timedelta
 
 import pytest
 from asgiref.sync import async_to_sync
+from django.db import DatabaseError
+from django.utils import timezone
 from pydantic_ai.exceptions import ModelHTTPError
 from pydantic_ai.messages import (
     ModelMessage,
@@ -13,10 +20,16 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
-from agents.runner import run_query
-from bankagent.exceptions import ModelError, ModelNotConfigured
-from threads.models import Message
-from threads.selectors import thread_history
+import runs.runner
+from bankagent.db import db
+from bankagent.exceptions import ModelError, ModelNotConfigured, RunInterrupted
+from runs.broadcast import Broadcast
+from runs.hub import hub
+from runs.limits import slots
+from runs.runner import Turn, run_blocking
+from runs.selectors import thread_history
+from runs.services import runs_interrupt
+from threads.models import Message, Thread
 
 ADVICE = {"support_advice": "Your balance is $1,123.45.", "block_card": False, "risk_level": 1, "follow_up_actions": []}
 
@@ -31,8 +44,8 @@ def balance_then_answer(messages: list[ModelMessage], info: AgentInfo) -> ModelR
     return ModelResponse(parts=[ToolCallPart(info.output_tools[0].name, advice)])
 
 
-def run(thread, query):
-    return async_to_sync(run_query)(thread=thread, query=query)
+def run(thread: Thread, query: str) -> Turn:
+    return async_to_sync(run_blocking)(user_id=thread.user_id, thread_id=thread.pk, query=query)
 
 
 @pytest.fixture
@@ -44,7 +57,29 @@ def use_model(settings):
     return use
 
 
-def test_tool_call_then_structured_output_is_saved(make_thread, use_model):
+@pytest.fixture
+def broadcast_events(monkeypatch) -> list[dict]:
+    """Every event the runs broadcast to their thread's readers, in order."""
+    events: list[dict] = []
+
+    class Recording(Broadcast):
+        def emit(self, event: dict) -> None:
+            events.append(event)
+            super().emit(event)
+
+    monkeypatch.setattr(runs.runner, "Broadcast", Recording)
+    return events
+
+
+@pytest.fixture
+def free_slots():
+    """The run slots taken before the test; every run must give its slot back."""
+    taken = slots.taken
+    yield
+    assert slots.taken == taken
+
+
+def test_tool_call_then_structured_output_is_saved(make_thread, use_model, free_slots):
     use_model(balance_then_answer)
     thread = make_thread()
 
@@ -54,7 +89,7 @@ def test_tool_call_then_structured_output_is_saved(make_thread, use_model):
     # John's balance plus his pending card payment, read from the database by the real tool.
     assert answer.output["support_advice"] == "Your balance is 1118.95."
     assert json.loads(answer.content) == answer.output
-    assert answer.status == Message.Status.COMPLETE
+    assert (answer.status, answer.lease_expires_at) == (Message.Status.COMPLETE, None)
     assert answer.metadata["usage"]["requests"] == 2
     assert answer.metadata["usage"]["tool_calls"] == 1
     assert answer.metadata["model"] == "function:balance_then_answer:"
@@ -62,6 +97,7 @@ def test_tool_call_then_structured_output_is_saved(make_thread, use_model):
     kinds = [part["part_kind"] for message in answer.model_messages for part in message["parts"]]
     assert kinds[:1] == ["user-prompt"]
     assert "tool-call" in kinds and "tool-return" in kinds
+    assert (turn.assistant_message.status, turn.assistant_message.content) == ("complete", answer.content)
 
 
 def test_history_replays_tool_calls_across_turns(make_thread, use_model):
@@ -87,15 +123,20 @@ def test_history_replays_tool_calls_across_turns(make_thread, use_model):
 
 
 def test_history_window_keeps_the_latest_turns(make_thread, use_model, settings):
-    use_model(lambda messages, info: ModelResponse(parts=[TextPart("ok")]))
+    seen: list[list[ModelMessage]] = []
+
+    def recording(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        seen.append(messages)
+        return ModelResponse(parts=[TextPart("ok")])
+
+    use_model(recording)
+    settings.AGENT_HISTORY_TURNS = 2
     thread = make_thread(agent_type="general_chat")
     for number in range(4):
         run(thread, f"question {number}")
 
-    history = thread_history(thread=thread, turns=2)
-
-    prompts = [p.content for m in history for p in m.parts if isinstance(p, UserPromptPart)]
-    assert prompts == ["question 2", "question 3"]
+    prompts = [p.content for m in seen[-1] for p in m.parts if isinstance(p, UserPromptPart)]
+    assert prompts == ["question 1", "question 2", "question 3"]
 
 
 def test_text_agent_stores_text_and_no_output(make_thread, use_model):
@@ -105,7 +146,7 @@ def test_text_agent_stores_text_and_no_output(make_thread, use_model):
     assert (answer.content, answer.output, answer.status) == ("Hello there", None, "complete")
 
 
-def test_model_error_keeps_the_question_and_records_a_failed_answer(make_thread, use_model):
+def test_model_error_keeps_the_question_and_records_a_failed_answer(make_thread, use_model, free_slots):
     def broken(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         raise ModelHTTPError(status_code=500, model_name="broken", body="provider exploded")
 
@@ -117,13 +158,18 @@ def test_model_error_keeps_the_question_and_records_a_failed_answer(make_thread,
 
     question, answer = Message.objects.filter(thread=thread).order_by("seq")
     assert (question.role, question.content, question.status) == ("user", "What is my balance?", "complete")
-    assert (answer.role, answer.status, answer.model_messages) == ("assistant", "failed", None)
+    assert (answer.role, answer.status, answer.model_messages, answer.lease_expires_at) == (
+        "assistant",
+        "failed",
+        None,
+        None,
+    )
     assert answer.metadata["error"]["code"] == "model_error"
     assert "provider exploded" not in json.dumps(answer.metadata)
-    assert thread_history(thread=thread, turns=10) == []
+    assert thread_history(thread_id=thread.pk, turns=10) == []
 
 
-def test_missing_provider_key_is_503_and_writes_nothing(make_thread, settings, monkeypatch):
+def test_missing_provider_key_is_503_and_writes_nothing(make_thread, settings, monkeypatch, free_slots):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     settings.AGENT_MODEL = "openai:gpt-4o"
     thread = make_thread()
@@ -159,3 +205,190 @@ def test_first_request_of_a_turn_carries_the_customer_name(make_thread, use_mode
     use_model(recording)
     run(make_thread(), "Hello")
     assert "The customer's name is 'John'" in seen[0].instructions
+
+
+# Events
+
+
+def test_blocking_run_broadcasts_created_started_complete_then_done(make_thread, use_model, broadcast_events):
+    use_model(lambda messages, info: ModelResponse(parts=[TextPart("Hello there")]))
+    thread = make_thread(agent_type="general_chat")
+
+    turn = run(thread, "Hi")
+
+    assert [event["event"] for event in broadcast_events] == [
+        "message_created",
+        "message_started",
+        "message_complete",
+        "done",
+    ]
+    created, started, complete, _ = broadcast_events
+    assert created["message"] == {"id": str(turn.user_message.pk), "role": "user", "content": "Hi"}
+    assert started["message_id"] == str(turn.assistant_message.pk)
+    assert complete == {
+        "event": "message_complete",
+        "message_id": str(turn.assistant_message.pk),
+        "status": "complete",
+        "content": "Hello there",
+        "output": None,
+    }
+
+
+def test_failed_blocking_run_broadcasts_error_then_done(make_thread, use_model, broadcast_events):
+    def broken(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        raise ModelHTTPError(status_code=500, model_name="broken", body="provider exploded")
+
+    use_model(broken)
+    thread = make_thread()
+
+    with pytest.raises(ModelError):
+        run(thread, "Hello")
+
+    assert [event["event"] for event in broadcast_events] == ["message_created", "message_started", "error", "done"]
+    error = broadcast_events[2]
+    assert (error["error_type"], error["message_id"]) == (
+        "model_error",
+        str(Message.objects.get(thread=thread, role="assistant").pk),
+    )
+    assert "provider exploded" not in json.dumps(broadcast_events)
+
+
+def test_blocking_run_whose_answer_cannot_be_saved_broadcasts_error_then_done(
+    make_thread, use_model, broadcast_events, monkeypatch, free_slots
+):
+    use_model(lambda messages, info: ModelResponse(parts=[TextPart("Hello there")]))
+
+    def broken_finish(**kwargs: object) -> bool:
+        raise DatabaseError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(runs.runner, "run_finish", broken_finish)
+
+    with pytest.raises(DatabaseError):
+        run(make_thread(agent_type="general_chat"), "Hi")
+
+    assert [event["event"] for event in broadcast_events] == ["message_created", "message_started", "error", "done"]
+    assert broadcast_events[2]["error_type"] == "internal_error"
+
+
+# Cancelled, abandoned, stopped
+
+
+def test_cancelled_blocking_run_saves_an_incomplete_answer_and_returns_it(
+    make_thread, use_model, broadcast_events, free_slots
+):
+    thread = make_thread(agent_type="general_chat")
+
+    async def cancelled_while_answering(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        await hub().cancel(thread.pk)  # as a reader of the thread would, through the hub
+        await asyncio.Event().wait()  # the model answers only when stopped
+        raise AssertionError("the run was not stopped")
+
+    use_model(cancelled_while_answering)
+
+    turn = run(thread, "Tell me a long story")
+
+    answer = Message.objects.get(pk=turn.assistant_message.pk)
+    assert (answer.status, answer.content, answer.lease_expires_at) == ("incomplete", "", None)
+    assert answer.metadata["cancelled"] is True
+    assert turn.assistant_message.status == "incomplete"
+    assert [event["event"] for event in broadcast_events][-2:] == ["message_complete", "done"]
+    assert broadcast_events[-2]["status"] == "incomplete"
+    assert thread_history(thread_id=thread.pk, turns=10) == []
+
+
+def test_blocking_run_goes_on_and_saves_its_answer_when_its_caller_goes_away(make_thread, use_model, free_slots):
+    thread = make_thread(agent_type="general_chat")
+    model_started, model_may_answer = [], []
+
+    async def slow(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        model_started[0].set()
+        await model_may_answer[0].wait()
+        return ModelResponse(parts=[TextPart("Still answered")])
+
+    use_model(slow)
+
+    async def caller_goes_away() -> Turn:
+        model_started.append(asyncio.Event())
+        model_may_answer.append(asyncio.Event())
+        caller = asyncio.create_task(run_blocking(user_id=thread.user_id, thread_id=thread.pk, query="Hi"))
+        await model_started[0].wait()
+        the_run = next(task for task in asyncio.all_tasks() if task.get_coro().__name__ == "_blocking")
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        model_may_answer[0].set()
+        async with asyncio.timeout(30):
+            return await the_run
+
+    turn = async_to_sync(caller_goes_away)()
+
+    answer = Message.objects.get(pk=turn.assistant_message.pk)
+    assert (answer.status, answer.content) == ("complete", "Still answered")
+
+
+def test_blocking_run_whose_lease_is_lost_is_stopped_and_raises_run_interrupted(
+    make_thread, use_model, settings, monkeypatch, free_slots
+):
+    settings.RUN_LEASE_SECONDS = 0.03  # renewed every 10 ms: the loss is noticed at once
+    monkeypatch.setattr(runs.runner, "ensure_sweeper", lambda: None)  # the sweep has tests of its own
+    thread = make_thread(agent_type="general_chat")
+
+    def interrupt_this_run() -> None:
+        # As the sweep does once the run's lease has lapsed (its process looked dead).
+        lapsed = timezone.now() - timedelta(seconds=1)
+        Message.objects.filter(thread=thread, status="in_progress").update(lease_expires_at=lapsed)
+        runs_interrupt(thread_id=thread.pk)
+
+    async def interrupted_while_answering(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        await db(interrupt_this_run)()
+        await asyncio.Event().wait()  # the model answers only when stopped
+        raise AssertionError("the run was not stopped")
+
+    use_model(interrupted_while_answering)
+
+    async def scenario() -> Turn:
+        async with asyncio.timeout(30):
+            return await run_blocking(user_id=thread.user_id, thread_id=thread.pk, query="Hi")
+
+    with pytest.raises(RunInterrupted) as raised:
+        async_to_sync(scenario)()
+
+    assert (raised.value.status, raised.value.code) == (503, "run_interrupted")
+    answer = Message.objects.get(thread=thread, role="assistant")
+    assert (answer.status, answer.metadata["error"]["code"]) == ("failed", "run_interrupted")
+
+
+def test_lease_renewal_retries_after_a_database_error(make_thread, use_model, settings, monkeypatch, free_slots):
+    settings.RUN_LEASE_SECONDS = 0.03  # renewed every 10 ms
+    monkeypatch.setattr(runs.runner, "ensure_sweeper", lambda: None)  # the sweep has tests of its own
+    thread = make_thread(agent_type="general_chat")
+    renewals: list[str] = []
+    renewed = []
+    real_renew = runs.runner.run_renew
+
+    def flaky_renew(**kwargs: object) -> bool:
+        if not renewals:
+            renewals.append("failed")
+            raise DatabaseError("connection reset")
+        renewals.append("renewed")
+        held = real_renew(**kwargs)
+        renewed[0][0].call_soon_threadsafe(renewed[0][1].set)
+        return held
+
+    monkeypatch.setattr(runs.runner, "run_renew", flaky_renew)
+
+    async def answer_once_renewed(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        await renewed[0][1].wait()
+        return ModelResponse(parts=[TextPart("Kept")])
+
+    use_model(answer_once_renewed)
+
+    async def scenario() -> Turn:
+        renewed.append((asyncio.get_running_loop(), asyncio.Event()))
+        async with asyncio.timeout(30):
+            return await run_blocking(user_id=thread.user_id, thread_id=thread.pk, query="Hi")
+
+    turn = async_to_sync(scenario)()
+
+    assert renewals[:2] == ["failed", "renewed"]
+    assert Message.objects.get(pk=turn.assistant_message.pk).status == "complete"

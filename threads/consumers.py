@@ -62,6 +62,7 @@ class ThreadConsumer(AsyncWebsocketConsumer):
     thread: Thread | None = None
     principal: Principal | None = None
     writer: asyncio.Task | None = None
+    closing: asyncio.Task | None = None
 
     async def connect(self) -> None:
         serve_outside_requests()
@@ -103,18 +104,27 @@ class ThreadConsumer(AsyncWebsocketConsumer):
 
     def deliver(self, events: list[Event]) -> None:
         """Events for this socket; they wait in its backlog, never for the client."""
-        with contextlib.suppress(BacklogFull):  # the writer sees it, and closes the socket
+        try:
             self.backlog.put_many(events)
+        except BacklogFull:
+            self._drop()
+
+    def _drop(self) -> None:
+        """Close a socket whose client fell too far behind, without waiting for it: its writer may be stuck in a
+        send to that very client."""
+        if self.closing is not None:
+            return
+        logger.info("Closing a socket on thread %s: its client fell too far behind", self.thread_id)
+        if self.writer is not None:
+            self.writer.cancel()
+        self.closing = asyncio.create_task(self.close(code=CLOSE_TRY_AGAIN_LATER))
 
     async def _write(self) -> None:
-        try:
+        with contextlib.suppress(BacklogFull):  # deliver() has dropped the socket
             while True:
                 for event in await self.backlog.take():
                     if (text := encode(event, self.dialect)) is not None:
                         await self.send(text_data=text)
-        except BacklogFull:
-            logger.info("Closing a socket on thread %s: its client fell too far behind", self.thread_id)
-            await self.close(code=CLOSE_TRY_AGAIN_LATER)
 
     @property
     def thread_id(self) -> uuid.UUID | None:
@@ -166,8 +176,6 @@ class ThreadConsumer(AsyncWebsocketConsumer):
 
     def _error(self, error: APIException, request_id: object = None) -> None:
         extra = {"request_id": request_id} if isinstance(request_id, str) else {}
-        if not isinstance(error, ApplicationError):
-            error = ApplicationError(str(error.detail))
         self.deliver([error_event(error, **extra)])
 
 

@@ -1,11 +1,10 @@
 from typing import Any
 
+from django.conf import settings
 from rest_framework import serializers
 
 from bankagent.exceptions import InvalidText, QueryTooLong, UnknownAgentType
 from threads.models import Message, Thread
-
-MAX_QUERY_LENGTH = 8_000
 
 
 def check_text(value: str) -> str:
@@ -93,8 +92,8 @@ class QueryField(TextField):
 
     def to_internal_value(self, data: Any) -> str:
         value = super().to_internal_value(data)
-        if len(value) > MAX_QUERY_LENGTH:
-            raise QueryTooLong(details={"max_length": MAX_QUERY_LENGTH, "length": len(value)})
+        if len(value) > settings.MAX_QUERY_CHARS:
+            raise QueryTooLong(details={"max_length": settings.MAX_QUERY_CHARS, "length": len(value)})
         return value
 
 
@@ -125,6 +124,9 @@ class AgentResponseSerializer(serializers.Serializer):
     user_message_id = serializers.UUIDField(source="user_message.id")
     response = serializers.CharField(source="assistant_message.content")
     output = serializers.JSONField(source="assistant_message.output")
+    status = serializers.CharField(
+        source="assistant_message.status", help_text="`complete`, or `incomplete` when the run was cancelled."
+    )
 
 
 class AgentSerializer(serializers.Serializer):
