@@ -10,9 +10,21 @@ def pretty_json(value: object) -> str:
     return format_html("<pre style='white-space: pre-wrap'>{}</pre>", json.dumps(value, indent=2, ensure_ascii=False))
 
 
+@admin.display(description="status")
+def outcome(message: Message) -> str:
+    """The status, and for a failed answer why: an answer whose server stopped while writing it reads so."""
+    error = message.metadata.get("error") if isinstance(message.metadata, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    if message.status == Message.Status.FAILED and code == "run_interrupted":
+        return "interrupted (the server stopped while writing it)"
+    if message.status == Message.Status.FAILED and code:
+        return f"failed: {code}"
+    return message.get_status_display()
+
+
 class MessageInline(admin.TabularInline):
     model = Message
-    fields = ["seq", "role", "status", "content", "created_at"]
+    fields = ["seq", "role", outcome, "content", "created_at"]
     readonly_fields = fields
     ordering = ["seq"]
     extra = 0
@@ -36,11 +48,11 @@ class ThreadAdmin(admin.ModelAdmin):
 
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
-    list_display = ["__str__", "thread", "role", "status", "created_at"]
+    list_display = ["__str__", "thread", "role", outcome, "created_at"]
     list_filter = ["role", "status", "created_at"]
     search_fields = ["thread__id", "thread__user_id", "content"]
     list_select_related = ["thread"]
-    fields = ["id", "thread", "seq", "role", "status", "content", "output_json", "metadata_json", "history_json"]
+    fields = ["id", "thread", "seq", "role", outcome, "content", "output_json", "metadata_json", "history_json"]
     readonly_fields = fields
 
     def has_add_permission(self, request) -> bool:

@@ -121,9 +121,17 @@ async function loadThreads(url = "threads?limit=20") {
 // --- Messages ----------------------------------------------------------------------------------------------------
 
 const STATE_TEXT = {
+  in_progress: "Being written…",
   incomplete: "Stopped: this answer is incomplete.",
   failed: "The assistant could not finish this answer.",
+  interrupted: "Interrupted: the server stopped while writing this answer. Ask again.",
 };
+
+// How an answer ended, as the page tells it: a failure because its server stopped reads as an interruption.
+function displayStatus(message) {
+  if (message.status === "failed" && message.metadata?.error?.code === "run_interrupted") return "interrupted";
+  return message.status;
+}
 
 function riskLevel(level) {
   if (level >= 7) return "high";
@@ -175,7 +183,7 @@ function renderOutput(bubble, output) {
 
 function messageBubble(message) {
   if (message.role === "user") return userBubble(message);
-  const bubble = assistantBubble(message.id, message.status);
+  const bubble = assistantBubble(message.id, displayStatus(message));
   if (current.structured && message.output) renderOutput(bubble, message.output);
   else bubble.querySelector(".text").textContent = message.content;
   return bubble;
@@ -367,9 +375,14 @@ function onEvent(event) {
       bubbleFor(event.message_id).querySelector(".tools").append(make("li", "", label));
       break;
     }
-    case "message_complete":
-      setStatus(bubbleFor(event.message_id), "complete");
+    case "message_complete": {
+      // A blocking query's answer arrives whole here, with no deltas before it.
+      const bubble = bubbleFor(event.message_id);
+      if (current.structured && event.output) renderOutput(bubble, event.output);
+      else if (typeof event.content === "string") bubble.querySelector(".text").textContent = event.content;
+      setStatus(bubble, event.status ?? "complete");
       break;
+    }
     case "error":
       showAlert(event.error);
       // A refused query gives its text back, unless the user has started typing another.
