@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from pydantic import ConfigDict, Field, with_config
-from pydantic_ai import Agent, ModelRetry, RunContext, ToolFailed
+from pydantic_ai import Agent, ModelRetry, RunContext, ToolFailed, ToolOutput
 from typing_extensions import TypedDict
 
 from bank.models import Customer
@@ -39,7 +39,7 @@ REQUIRED_FIELDS = frozenset(SupportOutput.__annotations__)
 
 support_agent = Agent(
     deps_type=SupportDependencies,
-    output_type=SupportOutput,
+    output_type=ToolOutput(SupportOutput, name="final_result"),
     name="bank_support",
     instructions=(
         "You are a support agent in our bank: give the customer support and judge the risk level of their query. "

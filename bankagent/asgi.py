@@ -1,3 +1,4 @@
+import gc
 import os
 
 from django.core.asgi import get_asgi_application
@@ -30,3 +31,7 @@ application = ProtocolTypeRouter(
         ),
     }
 )
+
+# Everything imported so far lives as long as the process: leave it out of every garbage collection from now on,
+# which otherwise walks the whole of Django and pydantic-ai again and again under load.
+gc.freeze()

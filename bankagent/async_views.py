@@ -41,7 +41,9 @@ class AsyncAPIView(APIView):
 
     def _checks_need_io(self, request: Request) -> bool:
         """Throttles count in the cache; a key not seen lately, or a session, is read from the database."""
-        return throttling_on() or not credentials_cached(request)
+        if throttling_on() and self.throttle_classes:
+            return True
+        return bool(self.authentication_classes) and not credentials_cached(request)
 
 
 def _rendered(response: HttpResponseBase) -> HttpResponseBase:

@@ -107,21 +107,15 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(Path(tempfile.gettempdir()) / f"bankagent-test-{os.getpid()}.sqlite3")}
 
 REDIS_URL = env.str("REDIS_URL", default="")
-# Messages a channel may queue before sends to it are dropped. channels-redis counts one queue for all the
-# sockets of a process, so this must hold a burst of events of every run the process streams at once.
-CHANNEL_CAPACITY = env.int("CHANNEL_CAPACITY", default=100_000)
 if REDIS_URL:
+    # Redis pub/sub carries a run's events and cancels between processes: one PUBLISH a batch, no queues to expire
+    # or overflow. Each process subscribes once for all its sockets (runs.hub), so nothing waits in Redis.
     CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": CHANNEL_CAPACITY},
-        }
+        "default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
     }
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
 else:
-    CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": CHANNEL_CAPACITY}}
-    }
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -3,7 +3,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from bankagent.views import api_not_found, health
+from bankagent.views import HealthView, api_not_found
 from identity.authentication import APIKeyAuthentication
 from threads.views import AgentQueryView, AgentStreamView, AgentViewSet, ThreadViewSet
 
@@ -21,7 +21,7 @@ api_v1 = [
         AgentViewSet.as_view({"post": "ticket"}, authentication_classes=[APIKeyAuthentication]),
         name="ws-ticket",
     ),
-    path("health", health, name="health"),
+    path("health", HealthView.as_view(), name="health"),
 ]
 
 urlpatterns = [

@@ -1,72 +1,70 @@
-import asyncio
 import logging
-import uuid
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers
-from rest_framework.decorators import api_view, authentication_classes, permission_classes
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from bankagent.async_views import AsyncAPIView
+from bankagent.db import db
 from bankagent.exceptions import NotFound, ServiceUnavailable, error_response
+from runs.hub import hub
 
 logger = logging.getLogger(__name__)
 
+CHANNEL_LAYER_TIMEOUT = 2.0
 
-def _database_ok() -> bool:
+
+def _select_one() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+async def _database_ok() -> bool:
     try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
+        await db(_select_one)()
         return True
     except Exception:
         logger.exception("Health check: database unreachable")
         return False
 
 
-async def _channel_layer_roundtrip() -> None:
-    layer = get_channel_layer()
-    channel = await layer.new_channel()
-    token = uuid.uuid4().hex
-    await layer.send(channel, {"type": "health.ping", "token": token})
-    message = await asyncio.wait_for(layer.receive(channel), timeout=2)
-    if message.get("token") != token:
-        raise RuntimeError("channel layer returned another message")
-
-
-def _channel_layer_ok() -> bool:
+async def _channel_layer_ok() -> bool:
     try:
-        async_to_sync(_channel_layer_roundtrip)()
+        await hub().ping(CHANNEL_LAYER_TIMEOUT)
         return True
     except Exception:
         logger.exception("Health check: channel layer unreachable")
         return False
 
 
-@extend_schema(
-    responses=inline_serializer(
-        "Health",
-        {
-            "status": serializers.CharField(),
-            "database": serializers.CharField(),
-            "channel_layer": serializers.CharField(),
-        },
+class HealthView(AsyncAPIView):
+    """Whether this process can serve: its database and its channel layer answer. No key needed."""
+
+    authentication_classes: list = []
+    permission_classes: list = []
+    throttle_classes: list = []
+
+    @extend_schema(
+        responses=inline_serializer(
+            "Health",
+            {
+                "status": serializers.CharField(),
+                "database": serializers.CharField(),
+                "channel_layer": serializers.CharField(),
+            },
+        )
     )
-)
-@api_view(["GET"])
-@authentication_classes([])
-@permission_classes([])
-def health(request: Request) -> Response:
-    checks = {"database": _database_ok(), "channel_layer": _channel_layer_ok()}
-    body = {"status": "ok" if all(checks.values()) else "error"}
-    body |= {name: "ok" if ok else "error" for name, ok in checks.items()}
-    if all(checks.values()):
-        return Response(body)
-    return Response(body | ServiceUnavailable().as_dict(), status=503)
+    async def get(self, request: Request) -> Response:
+        checks = {"database": await _database_ok(), "channel_layer": await _channel_layer_ok()}
+        body = {"status": "ok" if all(checks.values()) else "error"}
+        body |= {name: "ok" if ok else "error" for name, ok in checks.items()}
+        if all(checks.values()):
+            return Response(body)
+        return Response(body | ServiceUnavailable().as_dict(), status=503)
 
 
 @csrf_exempt

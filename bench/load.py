@@ -141,7 +141,10 @@ def start_server(args: argparse.Namespace, env: dict[str, str], delay_ms: int) -
     log = Path(tempfile.gettempdir()) / f"bench-{args.server}-{port}.log"
     with log.open("wb") as out:
         command = server_command(args.server, port, args.workers)
-        if args.profile:
+        if args.cprofile:
+            # The event loop's thread, where the request path runs, profiled function by function.
+            command = [sys.executable, "-m", "cProfile", "-o", args.cprofile, *command[1:]]
+        elif args.profile:
             # Busy samples of every server process, as collapsed stacks (flame graph input).
             output = f"{args.profile}-{len(list(Path(args.profile).parent.glob('*')))}.txt"
             command = [
@@ -653,6 +656,7 @@ def main() -> None:
     parser.add_argument("--external-port", type=int, help="drive a server already running on this port instead")
     parser.add_argument("--external-key", default="development-api-key", help="its API key")
     parser.add_argument("--profile", help="record the servers with py-spy into PROFILE-N.txt (collapsed stacks)")
+    parser.add_argument("--cprofile", help="run the server (one process) under cProfile, its stats into CPROFILE")
     parser.add_argument("--no-record", dest="record", action="store_false", help="do not append to results.jsonl")
     args = parser.parse_args()
     args.clients_given = bool(args.clients)

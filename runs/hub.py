@@ -79,6 +79,7 @@ class Hub:
         self.cancel_marks: dict[str, float] = {}
         self.controls: OrderedDict[str, float] = OrderedDict()
         self.listener: asyncio.Task | None = None
+        self.pings: dict[str, asyncio.Future[None]] = {}
         self._inbox_lock = asyncio.Lock()
 
     # --- readers ------------------------------------------------------------------------------------------------------
@@ -176,6 +177,17 @@ class Hub:
             del self.cancel_marks[stale]
         return False
 
+    async def ping(self, timeout: float) -> None:
+        """A message through the channel layer to this process's inbox and back; raises if it does not come."""
+        inbox = await self._ensure_inbox()
+        token = uuid.uuid4().hex
+        arrived = self.pings[token] = asyncio.get_running_loop().create_future()
+        try:
+            await _layer().send(inbox, {"type": "hub.ping", "token": token})
+            await asyncio.wait_for(arrived, timeout)
+        finally:
+            del self.pings[token]
+
     # --- the inbox ----------------------------------------------------------------------------------------------------
 
     async def _ensure_inbox(self) -> str:
@@ -217,6 +229,8 @@ class Hub:
             self._deliver(key, message["events"])
         elif kind == "run.cancel":
             self._cancel_here(key)
+        elif kind == "hub.ping" and (arrived := self.pings.get(message.get("token", ""))) and not arrived.done():
+            arrived.set_result(None)
 
     async def _rejoin(self, inbox: str) -> None:
         """After an outage the layer may have lost its groups (Redis keeps nothing on disk): join them again."""
