@@ -1,16 +1,18 @@
-"""Serve the application as production does: uvicorn (uvloop, httptools), WEB_CONCURRENCY worker processes.
+"""Serve the application as production does: granian on uvloop, WEB_CONCURRENCY worker processes.
 
     python -m bankagent.serve [--host 0.0.0.0] [--port 8000] [--workers N]
 
 The workers share PostgreSQL and Redis: a run's events and cancels reach every worker through the channel layer.
-The server's own websocket frame limit is the project's hard limit (settings.WS_MAX_FRAME_BYTES): a larger frame
-is refused with close code 1009 before it is read whole.
+granian, rather than uvicorn or daphne, because it spreads connections evenly over its workers: with a shared
+listening socket a few keep-alive clients can all land on one worker (bench/README.md has the figures).
 """
 
 import argparse
 import os
 
-import uvicorn
+from granian import Granian
+from granian.constants import HTTPModes, Interfaces, Loops
+from granian.log import LogLevels
 
 
 def main() -> None:
@@ -24,27 +26,24 @@ def main() -> None:
         help="worker processes (default: WEB_CONCURRENCY, else the number of cores)",
     )
     args = parser.parse_args()
-
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bankagent.settings")
-    from django.conf import settings
 
-    uvicorn.run(
+    Granian(
         "bankagent.asgi:application",
-        host=args.host,
+        address=args.host,
         port=args.port,
+        interface=Interfaces.ASGI,
         workers=args.workers,
-        loop="uvloop",
-        http="httptools",
-        ws="websockets",
-        ws_max_size=settings.WS_MAX_FRAME_BYTES,
-        lifespan="off",
-        access_log=False,
+        loop=Loops.uvloop,
+        http=HTTPModes.http1,
+        websockets=True,
         backlog=4096,
-        # Behind a proxy (docker-compose, a load balancer), trust its X-Forwarded-* headers.
-        proxy_headers=True,
-        forwarded_allow_ips=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1"),
-        timeout_graceful_shutdown=30,
-    )
+        # Connections a worker serves at once: every websocket holds one, so this is well above RUN_CONCURRENCY.
+        backpressure=8192,
+        log_level=LogLevels.warning,
+        respawn_failed_workers=True,
+        workers_kill_timeout=30,
+    ).serve()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ USER_ID = "123e4567-e89b-12d3-a456-426614174000"
 QUESTION = "What is my balance?"
 SOCKET_QUESTION = "I lost my card"
 TURNS_PER_THREAD = 5
+WARMUP_OPS = 30
 POSTGRES_ADMIN = "postgres://postgres@127.0.0.1:5432/postgres"
 
 
@@ -110,14 +111,17 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """CPU time the server's processes have used so far (user and system)."""
-        ticks = 0
+        return sum(self.cpu_by_process().values())
+
+    def cpu_by_process(self) -> dict[int, float]:
+        seconds = {}
         for pid in self.pids():
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            ticks += int(fields[11]) + int(fields[12])
-        return ticks / os.sysconf("SC_CLK_TCK")
+            seconds[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return seconds
 
     def stop(self) -> None:
         # SIGINT: every server stops cleanly on it, and py-spy writes its profile.
@@ -385,17 +389,25 @@ async def drive(server: Server, key: str, result: Result, operation: Operation) 
                 result.errors[type(exc).__name__ if not isinstance(exc, HTTPError) else str(exc)] += 1
         connection.close()
 
-    started, cpu = time.perf_counter(), server.cpu_seconds()
+    # Untimed: the first runs of a fresh process load code and fill caches.
+    warm = Connection(server.port, key)
+    for turn in range(WARMUP_OPS):
+        await operation(warm, result.clients, turn)
+    warm.close()
+    started, cpu = time.perf_counter(), server.cpu_by_process()
     await asyncio.gather(*(client(number) for number in range(result.clients)))
     result.seconds = time.perf_counter() - started
-    result.notes["server_cpu_ms_per_op"] = round((server.cpu_seconds() - cpu) * 1000 / max(len(result.latencies), 1), 2)
+    used = {pid: seconds - cpu.get(pid, 0.0) for pid, seconds in server.cpu_by_process().items()}
+    # How evenly the work spread over the worker processes (the busiest one's share).
+    result.notes["busiest_process_share"] = round(max(used.values()) / max(sum(used.values()), 1e-9), 2)
+    result.notes["server_cpu_ms_per_op"] = round(sum(used.values()) * 1000 / max(len(result.latencies), 1), 2)
     stop.set()
     await sampler
 
 
 async def thread_rotation(clients: int, requests: int) -> Callable[[int, int], str]:
     """Each client takes a new thread every TURNS_PER_THREAD turns."""
-    pool = iter(await create_threads(requests // TURNS_PER_THREAD + clients + 1))
+    pool = iter(await create_threads((requests + WARMUP_OPS) // TURNS_PER_THREAD + clients + 2))
     current: dict[int, str] = {}
 
     def pick(number: int, turn: int) -> str:
@@ -588,7 +600,7 @@ def print_row(summary: dict[str, object]) -> None:
         f"errors {summary['errors']:>4}  peak RSS {summary['peak_rss_mib']} MiB"
         + "".join(
             f"  {k} {summary[k]}"
-            for k in ("server_cpu_ms_per_op", "queries_s", "complete_in_order", "all_done_s")
+            for k in ("server_cpu_ms_per_op", "busiest_process_share", "queries_s", "complete_in_order", "all_done_s")
             if k in summary
         ),
         flush=True,
