@@ -165,8 +165,10 @@ AGENT_HISTORY_TURNS = env.int("AGENT_HISTORY_TURNS", default=20)
 # died is marked interrupted once it lapses. A streamed answer is checkpointed this often while it grows.
 RUN_LEASE_SECONDS = env.float("RUN_LEASE_SECONDS", default=30)
 RUN_CHECKPOINT_SECONDS = env.float("RUN_CHECKPOINT_SECONDS", default=2)
-# Runs one process serves at once; past it a new run is refused with 503 `overloaded`.
+# Runs one process serves at once; past it a new run is refused with 503 `overloaded`. Of those, how many models
+# answer at once: the others wait their turn, accepted and saved.
 RUN_CONCURRENCY = env.int("RUN_CONCURRENCY", default=1000)
+RUN_MODEL_CONCURRENCY = env.int("RUN_MODEL_CONCURRENCY", default=100)
 # Streamed chunks arriving within this window are validated once, as one delta (0: validate every chunk).
 STREAM_DEBOUNCE_MS = env.float("STREAM_DEBOUNCE_MS", default=10)
 # Events a reader may fall behind by (deltas merge while they wait) before it is dropped.

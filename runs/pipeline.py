@@ -9,9 +9,11 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from django.conf import settings
 from pydantic_ai import Agent
+from pydantic_ai.agent import AgentRunResult
 from pydantic_ai.messages import FunctionToolCallEvent, FunctionToolResultEvent
 from pydantic_ai.result import AgentStream
 from pydantic_core import to_jsonable_python
@@ -21,13 +23,13 @@ from bankagent.db import serve_outside_requests
 from bankagent.exceptions import ApplicationError, RunInterrupted, as_application_error
 from runs.broadcast import Broadcast
 from runs.events import Backlog, Event, error_event
+from runs.keeper import Progress
 from runs.runner import (
-    Progress,
     Run,
     close_run,
     error_info,
     final_content,
-    keep_lease,
+    keep,
     message_complete,
     message_created,
     message_started,
@@ -39,6 +41,14 @@ from runs.runner import (
 from threads.models import Message
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Streamed(Progress):
+    """A streamed run's progress, and its result once the agent is done."""
+
+    result: AgentRunResult[object] | None = None
+
 
 # Strong references: a run is a task of its own, held by nothing else once its starter is gone.
 _RUNS: set[asyncio.Task] = set()
@@ -66,7 +76,7 @@ async def _tokens(stream: AgentStream, structured: bool, progress: Progress) -> 
             yield token
 
 
-async def agent_events(run: Run, progress: Progress) -> AsyncIterator[Event]:
+async def agent_events(run: Run, progress: Streamed) -> AsyncIterator[Event]:
     """Run the agent, yielding text_delta, tool_call and tool_result events; returns its result's pieces."""
     message_id = str(run.message_id)
     start = run.start
@@ -116,11 +126,11 @@ async def start_stream(
 async def execute(run: Run, broadcast: Broadcast) -> None:
     """Stream the run to its end, or until it is stopped, and save its answer; every path ends with `done`."""
     serve_outside_requests()
-    progress = Progress()
+    progress = Streamed()
     try:
         broadcast.emit(message_created(run))
         broadcast.emit(message_started(run))
-        keeper = asyncio.create_task(keep_lease(run, progress))
+        keep(run, progress)
         try:
             await until_stopped(run, _consume(run, progress, broadcast))
         except asyncio.CancelledError:
@@ -158,8 +168,6 @@ async def execute(run: Run, broadcast: Broadcast) -> None:
                 usage=usage_metadata(result.usage),
                 **_timing(run, progress),
             )
-        finally:
-            keeper.cancel()
         broadcast.emit(message_complete(run))
     except ApplicationError as error:
         broadcast.emit(error_event(error, message_id=str(run.message_id)))
@@ -176,7 +184,7 @@ async def execute(run: Run, broadcast: Broadcast) -> None:
         await broadcast.flushed()
 
 
-async def _consume(run: Run, progress: Progress, broadcast: Broadcast) -> None:
+async def _consume(run: Run, progress: Streamed, broadcast: Broadcast) -> None:
     async for event in agent_events(run, progress):
         broadcast.emit(event)
 

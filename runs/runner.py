@@ -16,7 +16,6 @@ from typing import TypeVar
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
-from pydantic_ai.agent import AgentRunResult
 from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models import Model
 from pydantic_ai.usage import RunUsage
@@ -30,8 +29,9 @@ from bankagent.jsontypes import JSON, JSONObject
 from runs.broadcast import Broadcast
 from runs.events import Event, error_event
 from runs.hub import LocalRun, hub
-from runs.limits import slots
-from runs.services import RunStart, run_begin, run_finish, run_message_exists, run_renew
+from runs.keeper import Progress, keeper
+from runs.limits import model_turns, slots
+from runs.services import RunStart, run_begin, run_finish, run_message_exists
 from runs.sweeper import ensure_sweeper
 from threads.models import Message, Thread
 
@@ -67,17 +67,6 @@ class Run:
         return self.start.assistant_message.pk
 
 
-@dataclass
-class Progress:
-    """What a streamed run has produced so far: checkpointed while it runs, saved if it stops early."""
-
-    text: str = ""
-    """The answer so far: accumulated text, or the JSON of the latest partial output."""
-    output: JSON = None
-    first_token_at: float | None = None
-    result: AgentRunResult[object] | None = None
-
-
 def _deps_for(agent_type: str, user_id: uuid.UUID) -> object:
     return agent_spec(agent_type).deps_for(user_id)
 
@@ -111,45 +100,26 @@ async def open_run(*, user_id: uuid.UUID, thread_id: uuid.UUID, query: str) -> R
     return Run(agent_spec(start.thread.agent_type), model, query, start, local, time.monotonic())
 
 
+def keep(run: Run, progress: Progress | None = None) -> None:
+    """Have the process's keeper renew the run's lease (and checkpoint its progress) until it is released."""
+    keeper().keep(run.message_id, run.local, progress)
+
+
 def release(run: Run) -> None:
+    keeper().drop(run.message_id)
     hub().unregister(run.local)
     slots.give_back()
 
 
-async def keep_lease(run: Run, progress: Progress | None = None) -> None:
-    """Renew the run's lease while it runs, checkpointing its partial answer when it has changed.
-
-    Database errors are logged and retried: a lease must not lapse under a live run. A lease found lost
-    (its thread deleted, or the run interrupted meanwhile) stops the run.
-    """
-    renew_every = settings.RUN_LEASE_SECONDS / 3
-    tick = min(settings.RUN_CHECKPOINT_SECONDS, renew_every) if progress is not None else renew_every
-    renewed_at, saved, delay = time.monotonic(), "", 0.0
-    while True:
-        await asyncio.sleep(delay or tick)
-        changed = progress is not None and progress.text != saved
-        if not changed and not delay and time.monotonic() - renewed_at < renew_every - tick / 2:
-            continue
-        checkpoint = (progress.text, progress.output) if progress is not None and changed else None
-        try:
-            held = await db(run_renew)(
-                message_id=run.message_id, lease_seconds=settings.RUN_LEASE_SECONDS, checkpoint=checkpoint
-            )
-        except Exception:
-            delay = min(max(delay * 2, 0.1), tick)
-            logger.warning("Could not renew the lease of message %s; retrying", run.message_id, exc_info=True)
-            continue
-        if not held:
-            run.local.stop("lease_lost")
-            return
-        renewed_at, delay = time.monotonic(), 0.0
-        if checkpoint is not None:
-            saved = checkpoint[0]
-
-
 async def until_stopped(run: Run, model_call: Awaitable[R]) -> R:
-    """Await the model unless the run is stopped first (cancelled, or its lease lost): then CancelledError."""
-    task = asyncio.ensure_future(model_call)
+    """Await the model, once one of the process's model turns is free, unless the run is stopped first
+    (cancelled, or its lease lost): then CancelledError."""
+
+    async def in_turn() -> R:
+        async with model_turns():
+            return await model_call
+
+    task = asyncio.ensure_future(in_turn())
     run.local.on_stop = task.cancel
     if run.local.stopped:
         task.cancel()
@@ -260,7 +230,7 @@ async def _blocking(run: Run) -> Turn:
     try:
         broadcast.emit(message_created(run))
         broadcast.emit(message_started(run))
-        keeper = asyncio.create_task(keep_lease(run))
+        keep(run)
         try:
             result = await until_stopped(
                 run,
@@ -284,8 +254,6 @@ async def _blocking(run: Run) -> Turn:
                 model_messages=result.new_messages(),
                 usage=usage_metadata(result.usage),
             )
-        finally:
-            keeper.cancel()
         broadcast.emit(message_complete(run))
     except Exception as exc:
         # Whatever failed (saving the answer, most likely), readers must not get `done` alone.

@@ -101,15 +101,29 @@ def _commit_without_waiting_for_disk() -> None:
             cursor.execute("SET LOCAL synchronous_commit TO OFF")
 
 
-def run_renew(*, message_id: uuid.UUID, lease_seconds: float, checkpoint: tuple[str, JSON] | None = None) -> bool:
-    """Extend the run's lease, saving its partial answer (content, output) if given.
+@transaction.atomic
+def runs_renew(
+    *, message_ids: list[uuid.UUID], checkpoints: dict[uuid.UUID, tuple[str, JSON]], lease_seconds: float
+) -> set[uuid.UUID]:
+    """Extend the leases of these runs, saving the partial answers (content, output) given, in one transaction.
 
-    False when the run no longer holds its message: it was interrupted meanwhile, or its thread deleted.
+    Returns the runs that no longer hold their message: interrupted meanwhile, or their thread deleted.
     """
-    fields: dict[str, object] = {"lease_expires_at": timezone.now() + timedelta(seconds=lease_seconds)}
-    if checkpoint is not None:
-        fields["content"], fields["output"] = checkpoint
-    return bool(Message.objects.filter(pk=message_id, status=Message.Status.IN_PROGRESS).update(**fields))
+    expires = timezone.now() + timedelta(seconds=lease_seconds)
+    held = set(
+        Message.objects.select_for_update()
+        .filter(pk__in=message_ids, status=Message.Status.IN_PROGRESS)
+        .values_list("pk", flat=True)
+    )
+    if renewed_only := held - checkpoints.keys():
+        Message.objects.filter(pk__in=renewed_only).update(lease_expires_at=expires)
+    saved = [
+        Message(pk=pk, content=content, output=output, lease_expires_at=expires)
+        for pk, (content, output) in checkpoints.items()
+        if pk in held
+    ]
+    Message.objects.bulk_update(saved, ["content", "output", "lease_expires_at"], batch_size=500)
+    return set(message_ids) - held
 
 
 def run_finish(

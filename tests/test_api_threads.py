@@ -32,7 +32,7 @@ from bankagent.db import db
 from identity.models import APIKey
 from runs.hub import hub
 from runs.limits import slots
-from runs.services import run_begin, run_renew
+from runs.services import run_begin, runs_renew
 from threads.models import Message, Thread
 
 THREADS = "/api/v1/threads"
@@ -797,7 +797,7 @@ def test_cancelled_query_answers_200_with_status_incomplete(client, make_thread,
 def test_an_answer_whose_run_died_reads_as_failed_run_interrupted_keeping_its_text(client, make_thread, read):
     thread = make_thread(agent_type="general_chat")
     _, answer = start_run(thread, "Tell me a story")
-    run_renew(message_id=answer.pk, lease_seconds=30, checkpoint=("Once upon", None))
+    runs_renew(message_ids=[answer.pk], checkpoints={answer.pk: ("Once upon", None)}, lease_seconds=30)
     lapse(answer)
 
     question_shown, answer_shown = read(client, thread)
@@ -820,7 +820,7 @@ def test_an_answer_being_written_reads_as_in_progress_with_its_checkpointed_text
     thread = make_thread()
     _, answer = start_run(thread, BALANCE_QUESTION)
     partial = {"support_advice": "John, your bal"}
-    run_renew(message_id=answer.pk, lease_seconds=30, checkpoint=(json.dumps(partial), partial))
+    runs_renew(message_ids=[answer.pk], checkpoints={answer.pk: (json.dumps(partial), partial)}, lease_seconds=30)
 
     _, answer_shown = read(client, thread)
 

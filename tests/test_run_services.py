@@ -30,12 +30,18 @@ from runs.services import (
     run_begin,
     run_finish,
     run_message_exists,
-    run_renew,
     runs_interrupt,
+    runs_renew,
 )
 from threads.models import Message, Thread
 
 LEASE_SECONDS = 30
+
+
+def renew(message_id, checkpoint=None) -> bool:
+    """Renew one run's lease as the keeper does (with its checkpoint, if any); whether the run still holds it."""
+    checkpoints = {message_id: checkpoint} if checkpoint is not None else {}
+    return message_id not in runs_renew(message_ids=[message_id], checkpoints=checkpoints, lease_seconds=LEASE_SECONDS)
 
 
 def exchange(prompt: str, answer: str) -> list[Any]:
@@ -228,9 +234,7 @@ def test_run_begin_takes_over_a_lapsed_lease_and_marks_the_dead_runs_answer_inte
     thread = make_thread()
     dead = begin(thread, "crashed run").assistant_message
     partial = {"support_advice": "Your bal"}
-    assert run_renew(
-        message_id=dead.pk, lease_seconds=LEASE_SECONDS, checkpoint=('{"support_advice": "Your bal"}', partial)
-    )
+    assert renew(dead.pk, ('{"support_advice": "Your bal"}', partial))
     lapse(dead)
 
     start = begin(thread, "next run")
@@ -283,19 +287,15 @@ def test_run_begin_gives_the_last_history_turns_exchanges(make_thread, make_turn
     assert prompts(start.history) == ["q1", "q2"]
 
 
-# run_renew
+# runs_renew
 
 
-def test_run_renew_extends_the_lease_and_saves_the_checkpointed_partial_answer(make_thread, frozen_now):
+def test_runs_renew_extends_the_lease_and_saves_the_checkpointed_partial_answer(make_thread, frozen_now):
     thread = make_thread()
     message = begin(thread).assistant_message
     frozen_now.advance(10)
 
-    held = run_renew(
-        message_id=message.pk,
-        lease_seconds=LEASE_SECONDS,
-        checkpoint=('{"support_advice": "Yo"}', {"support_advice": "Yo"}),
-    )
+    held = renew(message.pk, ('{"support_advice": "Yo"}', {"support_advice": "Yo"}))
 
     assert held is True
     saved = fetch(message)
@@ -307,39 +307,54 @@ def test_run_renew_extends_the_lease_and_saves_the_checkpointed_partial_answer(m
     assert saved.lease_expires_at == frozen_now.now + timedelta(seconds=LEASE_SECONDS)
 
 
-def test_run_renew_without_a_checkpoint_keeps_the_saved_partial_answer(make_thread, frozen_now):
+def test_runs_renew_without_a_checkpoint_keeps_the_saved_partial_answer(make_thread, frozen_now):
     thread = make_thread(agent_type="general_chat")
     message = begin(thread).assistant_message
-    run_renew(message_id=message.pk, lease_seconds=LEASE_SECONDS, checkpoint=("Once upon", None))
+    renew(message.pk, ("Once upon", None))
     frozen_now.advance(10)
 
-    assert run_renew(message_id=message.pk, lease_seconds=LEASE_SECONDS) is True
+    assert renew(message.pk) is True
 
     saved = fetch(message)
     assert (saved.content, saved.output) == ("Once upon", None)
     assert saved.lease_expires_at == frozen_now.now + timedelta(seconds=LEASE_SECONDS)
 
 
-def test_run_renew_is_false_once_the_thread_was_deleted_and_writes_nothing(make_thread):
+def test_runs_renew_is_false_once_the_thread_was_deleted_and_writes_nothing(make_thread):
     thread = make_thread()
     message = begin(thread).assistant_message
     thread.delete()
 
-    assert run_renew(message_id=message.pk, lease_seconds=LEASE_SECONDS, checkpoint=("late", None)) is False
+    assert renew(message.pk, ("late", None)) is False
     assert not Message.objects.exists()
 
 
-def test_run_renew_is_false_once_the_run_was_interrupted_and_keeps_the_interrupted_answer(make_thread):
+def test_runs_renew_is_false_once_the_run_was_interrupted_and_keeps_the_interrupted_answer(make_thread):
     thread = make_thread(agent_type="general_chat")
     message = begin(thread).assistant_message
-    run_renew(message_id=message.pk, lease_seconds=LEASE_SECONDS, checkpoint=("Once upon", None))
+    renew(message.pk, ("Once upon", None))
     lapse(message)
     runs_interrupt(thread_id=thread.pk)
 
-    assert run_renew(message_id=message.pk, lease_seconds=LEASE_SECONDS, checkpoint=("Once upon a time", None)) is False
+    assert renew(message.pk, ("Once upon a time", None)) is False
 
     saved = fetch(message)
     assert (saved.status, saved.content, saved.lease_expires_at) == ("failed", "Once upon", None)
+
+
+def test_runs_renew_renews_many_runs_in_one_transaction_and_names_the_ones_that_lost_their_lease(make_thread):
+    threads = [make_thread(agent_type="general_chat") for _ in range(3)]
+    messages = [begin(thread).assistant_message for thread in threads]
+    threads[1].delete()
+
+    lost = runs_renew(
+        message_ids=[message.pk for message in messages],
+        checkpoints={messages[0].pk: ("Once", None), messages[1].pk: ("late", None)},
+        lease_seconds=LEASE_SECONDS,
+    )
+
+    assert lost == {messages[1].pk}
+    assert (fetch(messages[0]).content, fetch(messages[2]).content) == ("Once", "")
 
 
 # run_finish, run_message_exists
@@ -427,7 +442,7 @@ def test_runs_interrupt_marks_lapsed_answers_on_every_thread_and_leaves_live_and
     lapsed_there = lapsed_there.assistant_message
     live = begin(make_thread()).assistant_message
     finished = make_turn(make_thread())[1]
-    run_renew(message_id=lapsed_here.pk, lease_seconds=LEASE_SECONDS, checkpoint=("Your bal", None))
+    renew(lapsed_here.pk, ("Your bal", None))
     lapse(lapsed_here)
     lapse(lapsed_there)
     live_lease = fetch(live).lease_expires_at
@@ -464,7 +479,7 @@ def test_runs_interrupt_does_not_interrupt_a_run_that_renewed_its_lease_after_th
     def renew_when_the_sweep_reads_it(sender: type, instance: Message, **kwargs: Any) -> None:
         # The run's process renews its lease between the sweep's read and its update.
         if instance.pk == message.pk and not renewed:
-            renewed.append(run_renew(message_id=message.pk, lease_seconds=LEASE_SECONDS))
+            renewed.append(renew(message.pk))
 
     post_init.connect(renew_when_the_sweep_reads_it, sender=Message)
     try:
@@ -513,7 +528,7 @@ def test_thread_history_skips_failed_and_unfinished_exchanges(make_thread, make_
     turn(make_turn, thread, "model failed", status="failed", store_messages=False)
     turn(make_turn, thread, "also kept")
     running = begin(thread, "still running").assistant_message
-    run_renew(message_id=running.pk, lease_seconds=LEASE_SECONDS, checkpoint=("partial", None))
+    renew(running.pk, ("partial", None))
 
     assert prompts(thread_history(thread_id=thread.pk, turns=10)) == ["kept", "also kept"]
 

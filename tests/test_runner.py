@@ -20,6 +20,7 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
+import runs.keeper
 import runs.runner
 from bankagent.db import db
 from bankagent.exceptions import ModelError, ModelNotConfigured, RunInterrupted
@@ -364,18 +365,18 @@ def test_lease_renewal_retries_after_a_database_error(make_thread, use_model, se
     thread = make_thread(agent_type="general_chat")
     renewals: list[str] = []
     renewed = []
-    real_renew = runs.runner.run_renew
+    real_renew = runs.keeper.runs_renew
 
-    def flaky_renew(**kwargs: object) -> bool:
+    def flaky_renew(**kwargs: object) -> set:
         if not renewals:
             renewals.append("failed")
             raise DatabaseError("connection reset")
         renewals.append("renewed")
-        held = real_renew(**kwargs)
+        lost = real_renew(**kwargs)
         renewed[0][0].call_soon_threadsafe(renewed[0][1].set)
-        return held
+        return lost
 
-    monkeypatch.setattr(runs.runner, "run_renew", flaky_renew)
+    monkeypatch.setattr(runs.keeper, "runs_renew", flaky_renew)
 
     async def answer_once_renewed(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         await renewed[0][1].wait()

@@ -34,7 +34,7 @@ from pydantic_ai.settings import ModelSettings
 from agents.demo import build_demo_model
 from bankagent.asgi import application
 from identity.models import APIKey
-from runs import pipeline, runner
+from runs import keeper, pipeline, runner
 from runs.broadcast import Broadcast
 from runs.services import run_begin
 from threads.models import Message, Thread
@@ -571,15 +571,14 @@ async def test_crashed_run_keeps_its_checkpoint_until_its_lease_lapses_then_the_
 ):
     settings.RUN_CHECKPOINT_SECONDS = 0.02  # the lease itself (an hour) lapses when the test says so
     checkpoints = []
-    real_renew = runner.run_renew
+    real_renew = keeper.runs_renew
 
-    def recorded_renew(**kwargs: Any) -> bool:
-        held = real_renew(**kwargs)
-        if held and kwargs["checkpoint"] is not None:
-            checkpoints.append(kwargs["checkpoint"][0])
-        return held
+    def recorded_renew(**kwargs: Any) -> set:
+        lost = real_renew(**kwargs)
+        checkpoints.extend(content for pk, (content, _) in kwargs["checkpoints"].items() if pk not in lost)
+        return lost
 
-    monkeypatch.setattr(runner, "run_renew", recorded_renew)
+    monkeypatch.setattr(keeper, "runs_renew", recorded_renew)
     held = HeldModel(["The answer", " is", " forty", " two."], released=3)
     settings.AGENT_MODEL = held.model()
     communicator, response = await stream_client.open(chat_thread.pk, "What is the answer?")
@@ -645,16 +644,16 @@ async def test_heartbeat_survives_database_errors_and_no_second_run_starts_meanw
     failures, renewed_at = [], []
     # Held by the test while it uses the database itself: the run's renewals then wait (see `runs_finished`).
     database = threading.Lock()
-    real_renew = runner.run_renew
+    real_renew = keeper.runs_renew
 
-    def flaky_renew(**kwargs: Any) -> bool:
+    def flaky_renew(**kwargs: Any) -> set:
         with database:
             if len(failures) < 3:
-                failures.append(kwargs["message_id"])
+                failures.extend(kwargs["message_ids"])
                 raise OperationalError("server closed the connection unexpectedly")
-            held = real_renew(**kwargs)
+            lost = real_renew(**kwargs)
             renewed_at.append(clock())
-            return held
+            return lost
 
     @contextlib.asynccontextmanager
     async def renewals_waiting() -> AsyncIterator[None]:
@@ -664,7 +663,7 @@ async def test_heartbeat_survives_database_errors_and_no_second_run_starts_meanw
         finally:
             database.release()
 
-    monkeypatch.setattr(runner, "run_renew", flaky_renew)
+    monkeypatch.setattr(keeper, "runs_renew", flaky_renew)
     held = HeldModel(["Still", " here", "."])
     settings.AGENT_MODEL = held.model()
     communicator, response = await stream_client.open(chat_thread.pk, "Are you there?")
