@@ -1,24 +1,32 @@
 """Database work from async code: one hop to a worker thread per unit of work, never one per ORM call.
 
 Inside a request the hop goes to the request's own thread, as Django's async ORM does (in tests, the test's
-thread and transaction). Work that outlives requests (runs in the background, websockets) goes to any thread
-of the event loop's pool instead: Django's default outside a request, one thread for the whole process, would
+thread and transaction). Work that outlives requests (runs in the background, websockets) goes to any of
+DATABASE_THREADS threads instead: Django's default outside a request, one thread for the whole process, would
 serialise all of it. Either way idle connections are given back after each hop, as Channels does, so nothing
 holds a connection while a model answers.
 """
 
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
-from functools import wraps
+from functools import cache, wraps
 from typing import ParamSpec, TypeVar
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import connections
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 _shared_threads: ContextVar[bool] = ContextVar("db_on_shared_threads", default=False)
+
+
+@cache
+def _shared_executor() -> ThreadPoolExecutor:
+    # As many threads as the connection pool has connections: a thread waiting on the database lets others run.
+    return ThreadPoolExecutor(max_workers=settings.DATABASE_THREADS, thread_name_prefix="database")
 
 
 def serve_outside_requests() -> None:
@@ -44,6 +52,8 @@ def db(function: Callable[P, R]) -> Callable[P, Awaitable[R]]:
             _give_back_connections()
 
     async def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        return await sync_to_async(work, thread_sensitive=not _shared_threads.get())(*args, **kwargs)
+        if _shared_threads.get():
+            return await sync_to_async(work, thread_sensitive=False, executor=_shared_executor())(*args, **kwargs)
+        return await sync_to_async(work)(*args, **kwargs)
 
     return call

@@ -93,7 +93,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
             "timeout": env.float("DATABASE_POOL_TIMEOUT", default=10),
         },
     }
-elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+# Threads for database work outside requests (runs in the background, websockets): one a pooled connection.
+DATABASE_THREADS = env.int("DATABASE_POOL_MAX", default=20)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Concurrent writers wait their turn: WAL lets readers go on beside the writer, IMMEDIATE takes the write
     # lock when a transaction begins (a read lock upgraded later would fail at once rather than wait), and the
     # busy timeout is how long a writer waits before the request answers 503 database_busy.

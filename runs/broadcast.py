@@ -1,7 +1,8 @@
 """Where a run's events go: the caller that listens to it (an NDJSON response), and every reader of its thread.
 
-Events are never awaited by the run: they wait in backlogs, where deltas merge, and a publisher sends what
-has gathered as one batch per channel-layer message. Under load batches grow and messages stay few.
+Events are never awaited by the run. Readers in this process get each event at once, in their own backlogs;
+for other processes a publisher sends what has gathered as one batch per channel-layer message, so under load
+batches grow and messages stay few.
 """
 
 import asyncio
@@ -44,6 +45,7 @@ class Broadcast:
             except BacklogFull:
                 # The caller stopped reading; the run and every other reader go on without it.
                 self.listener = None
+        self.hub.deliver(self.thread_id, [event])
         try:
             self.pending.put(event)
         except BacklogFull:
@@ -56,7 +58,7 @@ class Broadcast:
             except BacklogFull:
                 return
             try:
-                await self.hub.publish(self.thread_id, batch)
+                await self.hub.publish_elsewhere(self.thread_id, batch)
             except Exception:
                 # Readers here have had the batch; readers in other processes miss it.
                 logger.warning("Could not publish events of thread %s", self.thread_id, exc_info=True)

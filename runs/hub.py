@@ -118,7 +118,15 @@ class Hub:
 
     async def publish(self, thread_id: uuid.UUID, events: list[Event]) -> None:
         """Deliver a batch of a run's events to every reader of its thread, here and in other processes."""
+        self.deliver(thread_id, events)
+        await self.publish_elsewhere(thread_id, events)
+
+    def deliver(self, thread_id: uuid.UUID, events: list[Event]) -> None:
+        """Hand events to the thread's readers in this process."""
         self._deliver(thread_id.hex, events)
+
+    async def publish_elsewhere(self, thread_id: uuid.UUID, events: list[Event]) -> None:
+        """Send events to the thread's readers in other processes: one channel-layer message."""
         message = {"type": "run.events", "thread": thread_id.hex, "origin": self.inbox or "", "events": events}
         await _layer().group_send(thread_group(thread_id), message)
 
