@@ -234,7 +234,7 @@ def error_body(exc: drf.APIException) -> JSONObject:
 
 def retry_after(exc: drf.APIException) -> int | None:
     if isinstance(exc, drf.Throttled) and exc.wait is not None:
-        return int(exc.wait) + 1
+        return max(1, exc.wait)  # DRF has rounded the wait up to whole seconds already
     return getattr(exc, "retry_after", None)
 
 

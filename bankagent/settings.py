@@ -1,6 +1,7 @@
 """bankagent settings: everything that differs between machines comes from the environment."""
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -180,6 +181,9 @@ WS_TICKET_SECONDS = 60
 API_KEY_CACHE_SECONDS = env.float("API_KEY_CACHE_SECONDS", default=5)
 
 
+_RATE = re.compile(r"\d+/(s|sec|second|m|min|minute|h|hour|d|day)")
+
+
 def _throttle_rates(spec: str) -> dict[str, str]:
     """`runs_user=30/min,runs_key=1200/min,key=6000/min`, or `off`."""
     if spec.strip().lower() == "off":
@@ -191,6 +195,10 @@ def _throttle_rates(spec: str) -> dict[str, str]:
     unknown = set(rates) - {"runs_user", "runs_key", "key"}
     if unknown:
         raise ImproperlyConfigured(f"THROTTLE_RATES names unknown scopes: {', '.join(sorted(unknown))}")
+    # DRF parses a rate on every request: one it cannot parse would fail them all.
+    malformed = sorted(f"{scope}={rate}" for scope, rate in rates.items() if not _RATE.fullmatch(rate.strip()))
+    if malformed:
+        raise ImproperlyConfigured(f"THROTTLE_RATES rates must be N/s, N/min, N/hour or N/day: {', '.join(malformed)}")
     return rates
 
 

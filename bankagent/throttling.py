@@ -2,6 +2,7 @@
 THROTTLE_RATES. A scope without a rate (THROTTLE_RATES=off) lets everything through without touching the cache.
 """
 
+import math
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
@@ -75,5 +76,5 @@ def check_run_throttles(principal: Principal) -> None:
     ]
     if waits:
         error = Throttled()
-        error.retry_after = int(max((wait or 0) for wait in waits)) + 1
+        error.retry_after = max(1, math.ceil(max((wait or 0) for wait in waits)))
         raise error

@@ -1,4 +1,7 @@
-"""Two daphne processes on one Redis: a run in one streams to a socket on the other, and is cancelled from it."""
+"""Two server processes on one Redis: a run in one streams to a socket on the other, and is cancelled from it.
+
+Both servers the service supports run it: the production launcher (granian) and daphne.
+"""
 
 import asyncio
 import json
@@ -22,6 +25,8 @@ from threads.models import Message, Thread
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10  # seconds for any one event
+SERVERS = ["granian", "daphne"]
+"""The servers the service runs on: the production launcher (`python -m bankagent.serve`: granian), and daphne."""
 STORY = ["Once", " upon", " a", " time,", " in", " a", " small", " town", " by", " the", " sea"]
 
 pytestmark = [
@@ -105,23 +110,30 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def server_command(server: str, port: int) -> list[str]:
+    """How to start `server` on `port`; the production launcher with one worker a process."""
+    if server == "granian":
+        return [sys.executable, "-m", "bankagent.serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "bankagent.asgi:application"]
+
+
 def wait_healthy(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"daphne on port {port} exited with {process.returncode}")
+            raise RuntimeError(f"the server on port {port} exited with {process.returncode}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=1) as response:
                 if response.status == 200:
                     return
         except OSError:
             time.sleep(0.2)
-    raise TimeoutError(f"daphne on port {port} did not become healthy")
+    raise TimeoutError(f"the server on port {port} did not become healthy")
 
 
-@pytest.fixture
-def servers(tmp_path, model_server):
-    """Two daphne processes on the test database and the machine's Redis, their model the test's server."""
+@pytest.fixture(params=SERVERS)
+def servers(request, tmp_path, model_server):
+    """Two processes of one server on the test database and the machine's Redis, their model the test's server."""
     db = connection.settings_dict
     env = {
         **os.environ,
@@ -136,9 +148,9 @@ def servers(tmp_path, model_server):
     ports, processes = [free_port(), free_port()], []
     try:
         for port in ports:
-            log = open(tmp_path / f"daphne-{port}.log", "wb")  # noqa: SIM115 - closed with the process
-            daphne = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "bankagent.asgi:application"]
-            processes.append(subprocess.Popen(daphne, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+            log = open(tmp_path / f"{request.param}-{port}.log", "wb")  # noqa: SIM115 - closed with the process
+            command = server_command(request.param, port)
+            processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
         for port, process in zip(ports, processes, strict=True):
             wait_healthy(port, process)
         yield ports
