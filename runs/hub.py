@@ -2,8 +2,8 @@
 
 Events of a run reach the readers of its thread in this process directly, and other processes through the
 thread's group on the channel layer, whose members are the inboxes of processes with readers of that thread:
-one message per batch and process, never one per socket. A cancel reaches the run's process through the
-thread's control group, which every process that runs something on the thread joins before it starts.
+one message per batch and process, never one per socket. Cancels are few: each goes to every process (the
+cancels group), and the one running the thread's run stops it.
 """
 
 import asyncio
@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 import weakref
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,20 +23,13 @@ from runs.events import Event
 
 logger = logging.getLogger(__name__)
 
-CONTROL_REFRESH_SECONDS = 600
-"""How long a control-group membership is trusted before it is renewed (the layer expires idle members)."""
-CONTROL_MEMBERSHIPS = 10_000
-"""Control groups a process stays in, most recently used first; the oldest are left beyond this."""
+CANCELS_GROUP = "run-cancels"
 CANCEL_MARK_SECONDS = 30
 RETRY_MAX_SECONDS = 5.0
 
 
 def thread_group(thread_id: uuid.UUID) -> str:
     return f"thread.{thread_id.hex}"
-
-
-def control_group(thread_id: uuid.UUID) -> str:
-    return f"thread-control.{thread_id.hex}"
 
 
 class Reader(Protocol):
@@ -77,7 +70,7 @@ class Hub:
         self.readers: dict[str, set[Reader]] = defaultdict(set)
         self.runs: dict[str, LocalRun] = {}
         self.cancel_marks: dict[str, float] = {}
-        self.controls: OrderedDict[str, float] = OrderedDict()
+        self.cancels_joined = False
         self.listener: asyncio.Task | None = None
         self.pings: dict[str, asyncio.Future[None]] = {}
         self._inbox_lock = asyncio.Lock()
@@ -136,23 +129,11 @@ class Hub:
 
     # --- runs and cancels ---------------------------------------------------------------------------------------------
 
-    async def join_control(self, thread_id: uuid.UUID) -> None:
-        """Be reachable by cancels for the thread before a run on it starts here.
-
-        Memberships are kept (most recent first) rather than left after each run: a run that starts while the
-        previous one's clean-up is under way can then never lose its cancels.
-        """
-        key, now = thread_id.hex, time.monotonic()
-        joined = self.controls.get(key)
-        if joined is not None and now - joined < CONTROL_REFRESH_SECONDS:
-            self.controls.move_to_end(key)
-            return
-        await _layer().group_add(control_group(thread_id), await self._ensure_inbox())
-        self.controls[key] = now
-        self.controls.move_to_end(key)
-        while len(self.controls) > CONTROL_MEMBERSHIPS:
-            oldest, _ = self.controls.popitem(last=False)
-            await _layer().group_discard(control_group(uuid.UUID(oldest)), self.inbox)
+    async def listen_for_cancels(self) -> None:
+        """Be reachable by cancels from every process; done once, before this process's first run starts."""
+        if not self.cancels_joined:
+            await _layer().group_add(CANCELS_GROUP, await self._ensure_inbox())
+            self.cancels_joined = True
 
     def register(self, run: LocalRun) -> None:
         """The run is this thread's until `unregister`; a cancel that arrived since its query applies to it."""
@@ -172,7 +153,7 @@ class Hub:
         if self._cancel_here(thread_id.hex):
             return
         message = {"type": "run.cancel", "thread": thread_id.hex, "origin": self.inbox or ""}
-        await _layer().group_send(control_group(thread_id), message)
+        await _layer().group_send(CANCELS_GROUP, message)
 
     def _cancel_here(self, key: str) -> bool:
         if run := self.runs.get(key):
@@ -244,8 +225,8 @@ class Hub:
         """After an outage the layer may have lost its groups (Redis keeps nothing on disk): join them again."""
         for key in list(self.readers):
             await _layer().group_add(thread_group(uuid.UUID(key)), inbox)
-        for key in list(self.controls):
-            await _layer().group_add(control_group(uuid.UUID(key)), inbox)
+        if self.cancels_joined:
+            await _layer().group_add(CANCELS_GROUP, inbox)
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()

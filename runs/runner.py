@@ -79,18 +79,19 @@ async def open_run(*, user_id: uuid.UUID, thread_id: uuid.UUID, query: str) -> R
     slots.take()
     try:
         try:
-            await hub().join_control(thread_id)
+            await hub().listen_for_cancels()
         except Exception:
             logger.warning("Cancels sent through other processes cannot reach a run on %s", thread_id, exc_info=True)
-        start = await db(run_begin)(
-            thread_id=thread_id,
-            user_id=user_id,
-            query=query,
-            model_label=model_label(model),
-            lease_seconds=settings.RUN_LEASE_SECONDS,
-            history_turns=settings.AGENT_HISTORY_TURNS,
-            deps_for=_deps_for,
-        )
+        with model_turns().admission():
+            start = await db(run_begin)(
+                thread_id=thread_id,
+                user_id=user_id,
+                query=query,
+                model_label=model_label(model),
+                lease_seconds=settings.RUN_LEASE_SECONDS,
+                history_turns=settings.AGENT_HISTORY_TURNS,
+                deps_for=_deps_for,
+            )
     except BaseException:
         slots.give_back()
         raise
@@ -116,7 +117,7 @@ async def until_stopped(run: Run, model_call: Awaitable[R]) -> R:
     (cancelled, or its lease lost): then CancelledError."""
 
     async def in_turn() -> R:
-        async with model_turns():
+        async with model_turns().turn():
             return await model_call
 
     task = asyncio.ensure_future(in_turn())

@@ -117,7 +117,7 @@ async def test_a_reader_that_left_gets_nothing_more(hubs):
 async def test_cancel_reaches_a_run_registered_in_the_other_process(hubs, clock):
     here, there = hubs
     thread_id = uuid.uuid4()
-    await here.join_control(thread_id)
+    await here.listen_for_cancels()
     run, stopped = stoppable(thread_id, received_at=clock.now)
     here.register(run)
 
@@ -130,7 +130,7 @@ async def test_cancel_reaches_a_run_registered_in_the_other_process(hubs, clock)
 async def test_cancel_in_the_runs_own_process_stops_it_at_once(hubs, clock):
     here, _ = hubs
     thread_id = uuid.uuid4()
-    await here.join_control(thread_id)
+    await here.listen_for_cancels()
     run, _ = stoppable(thread_id, received_at=clock.now)
     here.register(run)
 
@@ -140,8 +140,8 @@ async def test_cancel_in_the_runs_own_process_stops_it_at_once(hubs, clock):
 
 
 async def cancel_arriving_while_the_run_starts(here: Hub, there: Hub, thread_id: uuid.UUID) -> None:
-    """A cancel from the other process reaches `here` after join_control and before register."""
-    await here.join_control(thread_id)
+    """A cancel from the other process reaches `here` after listen_for_cancels and before register."""
+    await here.listen_for_cancels()
     reader = Reader()
     await here.watch(thread_id, reader)
     await there.cancel(thread_id)
@@ -184,7 +184,7 @@ async def test_cancel_arriving_before_the_run_registers_spares_a_run_whose_query
 async def test_unregistering_a_finished_run_keeps_the_next_run_on_the_thread_cancellable(hubs, clock):
     here, there = hubs
     thread_id = uuid.uuid4()
-    await here.join_control(thread_id)
+    await here.listen_for_cancels()
     finished, _ = stoppable(thread_id, received_at=clock.now)
     here.register(finished)
     clock.now += 1
@@ -215,7 +215,7 @@ async def test_inbox_listener_survives_a_receive_error_and_rejoins_its_groups(hu
     monkeypatch.setattr(layer, "receive", receive_failing_once)
     reader = Reader()
     await here.watch(thread_id, reader)
-    await here.join_control(thread_id)
+    await here.listen_for_cancels()
     async with asyncio.timeout(TIMEOUT):
         await failed.wait()
         await listening_again.wait()  # messages sent while the inbox was away are lost, as they would be
