@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from django.conf import settings
-from pydantic_ai import Agent
+from pydantic import ValidationError
+from pydantic_ai import Agent, ModelRetry, UnexpectedModelBehavior
 from pydantic_ai.agent import AgentRunResult
 from pydantic_ai.messages import FunctionToolCallEvent, FunctionToolResultEvent
 from pydantic_ai.result import AgentStream
@@ -21,6 +22,7 @@ from pydantic_core import to_jsonable_python
 from agents.llm import model_failure
 from bankagent.db import serve_outside_requests
 from bankagent.exceptions import ApplicationError, RunInterrupted, as_application_error
+from bankagent.jsontypes import JSON
 from runs.broadcast import Broadcast
 from runs.events import Backlog, Event, error_event
 from runs.keeper import Progress
@@ -54,23 +56,60 @@ class Streamed(Progress):
 _RUNS: set[asyncio.Task] = set()
 
 
-def _debounce() -> float | None:
-    """pydantic-ai groups the chunks that arrive within this window and validates the partial output once per
-    group: under load, fewer and larger deltas instead of a validation per chunk."""
-    return settings.STREAM_DEBOUNCE_MS / 1000 or None
+VALIDATE_EVERY_CHUNKS = 4
+"""A partial output is validated at least once every this many chunks while chunks keep coming."""
+
+
+async def _partial_outputs(stream: AgentStream) -> AsyncIterator[JSON]:
+    """Validated partial outputs of a structured answer, coalesced: validating costs more than a chunk, so it
+    happens every few chunks, and whenever the model has been quiet for STREAM_DEBOUNCE_MS with chunks not yet
+    shown. Unlike pydantic-ai's debouncing, nothing wakes up while nothing is waiting to be shown, which matters
+    with hundreds of answers streaming at once."""
+    chunks = aiter(stream)
+    quiet = settings.STREAM_DEBOUNCE_MS / 1000
+    waiting = 0
+    pull: asyncio.Future | None = None
+    try:
+        while True:
+            pull = pull or asyncio.ensure_future(anext(chunks))
+            done, _ = await asyncio.wait({pull}, timeout=quiet if waiting else None)
+            if not done or waiting >= VALIDATE_EVERY_CHUNKS:
+                waiting = 0
+                if (partial := await _validated(stream)) is not None:
+                    yield partial
+                if not done:
+                    continue
+            try:
+                pull.result()
+            except StopAsyncIteration:
+                break
+            pull, waiting = None, waiting + 1
+    finally:
+        if pull is not None and not pull.done():
+            pull.cancel()
+    if waiting and (partial := await _validated(stream)) is not None:
+        yield partial
+
+
+async def _validated(stream: AgentStream) -> JSON:
+    """The partial output so far, or None while there is none that validates (it may not have started yet)."""
+    try:
+        return await stream.validate_response_output(stream.response, allow_partial=True)
+    except (ValidationError, ModelRetry, UnexpectedModelBehavior):
+        return None
 
 
 async def _tokens(stream: AgentStream, structured: bool, progress: Progress) -> AsyncIterator[str]:
     """text_delta tokens: the new text, or the JSON of the validated partial output so far."""
     if not structured:
-        async for delta in stream.stream_text(delta=True, debounce_by=_debounce()):
+        async for delta in stream.stream_text(delta=True, debounce_by=None):
             if delta:
                 progress.text += delta
                 yield delta
         return
-    # Partial outputs that fail validation are skipped by pydantic-ai; empty and repeated ones here.
-    async for partial in stream.stream_output(debounce_by=_debounce()):
+    async for partial in _partial_outputs(stream):
         token = json.dumps(partial, ensure_ascii=False)
+        # Empty and repeated outputs say nothing new.
         if partial and token != progress.text:
             progress.text, progress.output = token, partial
             yield token
@@ -159,10 +198,15 @@ async def execute(run: Run, broadcast: Broadcast) -> None:
         else:
             result = progress.result
             assert result is not None, "a finished agent run has a result"
+            final = final_content(run, result.output)
+            if run.spec.structured and final != progress.text:
+                # The last token is the whole output, validated as it is saved.
+                progress.text = final
+                broadcast.emit({"event": "text_delta", "message_id": str(run.message_id), "token": final})
             await close_run(
                 run,
                 status=Message.Status.COMPLETE,
-                content=final_content(run, result.output),
+                content=final,
                 output=result.output,
                 model_messages=result.new_messages(),
                 usage=usage_metadata(result.usage),
