@@ -28,6 +28,7 @@ from runs.events import Backlog, Event, error_event
 from runs.keeper import Progress
 from runs.runner import (
     Run,
+    close_complete,
     close_run,
     error_info,
     final_content,
@@ -38,7 +39,6 @@ from runs.runner import (
     open_run,
     release,
     until_stopped,
-    usage_metadata,
 )
 from threads.models import Message
 
@@ -203,15 +203,7 @@ async def execute(run: Run, broadcast: Broadcast) -> None:
                 # The last token is the whole output, validated as it is saved.
                 progress.text = final
                 broadcast.emit({"event": "text_delta", "message_id": str(run.message_id), "token": final})
-            await close_run(
-                run,
-                status=Message.Status.COMPLETE,
-                content=final,
-                output=result.output,
-                model_messages=result.new_messages(),
-                usage=usage_metadata(result.usage),
-                **_timing(run, progress),
-            )
+            await close_complete(run, result, **_timing(run, progress))
         broadcast.emit(message_complete(run))
     except ApplicationError as error:
         broadcast.emit(error_event(error, message_id=str(run.message_id)))

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
+from pydantic_ai.agent import AgentRunResult
 from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models import Model
 from pydantic_ai.usage import RunUsage
@@ -185,6 +186,19 @@ async def _retrying(save: Callable[..., Awaitable[bool]], **fields: object) -> b
     raise AssertionError("unreachable")
 
 
+async def close_complete(run: Run, result: AgentRunResult[object], **metadata: JSON) -> None:
+    """Save the answer of a run the model finished."""
+    await close_run(
+        run,
+        status=Message.Status.COMPLETE,
+        content=final_content(run, result.output),
+        output=result.output,
+        model_messages=result.new_messages(),
+        usage=usage_metadata(result.usage),
+        **metadata,
+    )
+
+
 def _elapsed_ms(run: Run) -> int:
     return round((time.monotonic() - run.started) * 1000)
 
@@ -246,15 +260,7 @@ async def _blocking(run: Run) -> Turn:
             await close_run(run, status=Message.Status.FAILED, content="", output=None, error=error_info(error))
             raise error from exc
         else:
-            content = final_content(run, result.output)
-            await close_run(
-                run,
-                status=Message.Status.COMPLETE,
-                content=content,
-                output=result.output,
-                model_messages=result.new_messages(),
-                usage=usage_metadata(result.usage),
-            )
+            await close_complete(run, result)
         broadcast.emit(message_complete(run))
     except Exception as exc:
         # Whatever failed (saving the answer, most likely), readers must not get `done` alone.
