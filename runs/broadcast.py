@@ -19,6 +19,9 @@ PUBLISH_BACKLOG = 10_000
 """Events of one run waiting for the channel layer; deltas merge, so only a stalled layer comes near it."""
 
 
+_PUBLISHING: set[asyncio.Task] = set()
+
+
 class Broadcast:
     def __init__(
         self,
@@ -33,8 +36,11 @@ class Broadcast:
         self.listener = listener
         self.pending = Backlog(cumulative=cumulative, max_events=PUBLISH_BACKLOG)
         self.hub = hub()
-        # A fresh context: publishing belongs to the run, not to the request that started it.
+        # A fresh context: publishing belongs to the run, not to the request that started it. Held until done, as
+        # the last events are published after the run has let go of its broadcast.
         self.task = asyncio.create_task(self._publish(), context=contextvars.Context())
+        _PUBLISHING.add(self.task)
+        self.task.add_done_callback(_PUBLISHING.discard)
 
     def emit(self, event: Event) -> None:
         if self.request_id is not None:

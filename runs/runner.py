@@ -237,7 +237,20 @@ async def run_blocking(*, user_id: uuid.UUID, thread_id: uuid.UUID, query: str) 
     The run goes on if the caller goes away: its answer is saved all the same.
     """
     run = await open_run(user_id=user_id, thread_id=thread_id, query=query)
-    return await asyncio.shield(asyncio.create_task(_blocking(run)))
+    task = asyncio.create_task(_blocking(run))
+    # Held until done: when the caller is gone, nothing else holds the run's task.
+    _BLOCKING.add(task)
+    task.add_done_callback(_forget)
+    return await asyncio.shield(task)
+
+
+_BLOCKING: set[asyncio.Task] = set()
+
+
+def _forget(task: asyncio.Task) -> None:
+    _BLOCKING.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: the caller that would have seen it may be gone, and the run reported it
 
 
 async def _blocking(run: Run) -> Turn:
