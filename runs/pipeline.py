@@ -116,7 +116,7 @@ async def _tokens(stream: AgentStream, structured: bool, progress: Progress) -> 
 
 
 async def agent_events(run: Run, progress: Streamed) -> AsyncIterator[Event]:
-    """Run the agent, yielding text_delta, tool_call and tool_result events; returns its result's pieces."""
+    """Run the agent, yielding text_delta, tool_call and tool_result events; its result lands in `progress`."""
     message_id = str(run.message_id)
     start = run.start
     async with run.spec.agent.iter(run.query, message_history=start.history, deps=start.deps, model=run.model) as it:
