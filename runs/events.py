@@ -34,6 +34,10 @@ def error_event(error: APIException, **extra: JSON) -> Event:
     return event
 
 
+# Valid in JSON text, but line breaks to a client that splits lines the way Python's str.splitlines() does.
+_UNICODE_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def encode(event: Event, dialect: Dialect) -> str | None:
     """One event as JSON text, or None when the dialect has no such event."""
     if dialect is Dialect.LEGACY:
@@ -42,7 +46,7 @@ def encode(event: Event, dialect: Dialect) -> str | None:
             return None
         if name == "text_delta":
             event = {**event, "event": "token"}
-    return json.dumps(event, ensure_ascii=False)
+    return json.dumps(event, ensure_ascii=False).translate(_UNICODE_LINE_BREAKS)
 
 
 def merge_delta(earlier: Event, later: Event, *, cumulative: bool) -> Event | None:

@@ -267,3 +267,12 @@ def test_error_event_carries_the_details_of_the_error_when_it_has_any():
     assert event["error_type"] == "unknown_agent_type"
     assert event["details"] == {"known_agent_types": ["bank_support", "general_chat"]}
     assert "nope" in event["error"]
+
+
+def test_encoded_event_has_no_character_that_splits_a_line_for_python_clients():
+    event = {"event": "text_delta", "message_id": "m", "token": "one\u2028two\x85three\u2029four é"}
+
+    text = encode(event, Dialect.STANDARD)
+
+    assert text.splitlines() == [text]
+    assert json.loads(text) == event
