@@ -222,14 +222,28 @@ REST_FRAMEWORK = {
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "bankagent API",
-    "DESCRIPTION": "Conversations with pydantic-ai agents: threads, messages, blocking and streamed answers.",
+    "DESCRIPTION": (
+        "Conversations with pydantic-ai agents: threads, messages, blocking and streamed answers.\n\n"
+        "Bodies are JSON objects (`application/json`; a JSON object sent as `text/plain`, form-encoded or without a "
+        "type is read as JSON too), at most 65,536 bytes (413 `payload_too_large`). JSON is parsed strictly: "
+        "NaN and Infinity, numbers that do not fit in 64 bits and nesting deeper than 64 levels answer 400 "
+        "`malformed_json`, each with its own message. Every error is the `Error` object. A method a path does not "
+        "list answers 405 `method_not_allowed` with an `Allow` header, an unknown path under `/api/` 404 "
+        "`not_found`, and a Host outside the allowed hosts 400 `bad_host`."
+    ),
     "VERSION": "1.0.0",
+    "OAS_VERSION": "3.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "SERVE_AUTHENTICATION": [],
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     # Swagger UI's assets are served by this server, not fetched from a CDN.
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {
+        "MessageStatusEnum": "threads.models.Message.Status",
+        "AnswerStatusEnum": ["complete", "incomplete"],
+    },
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "bankagent.schema.complete_schema"],
 }
 
 LOGGING = {

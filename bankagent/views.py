@@ -3,19 +3,25 @@ import logging
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
-from drf_spectacular.utils import extend_schema, inline_serializer
-from rest_framework import serializers
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from bankagent.async_views import AsyncAPIView
 from bankagent.db import db
-from bankagent.exceptions import NotFound, ServiceUnavailable, error_response
+from bankagent.exceptions import BadHost, NotFound, ServiceUnavailable, error_response
+from bankagent.schema import error_schema, errors
 from runs.hub import hub
 
 logger = logging.getLogger(__name__)
 
 CHANNEL_LAYER_TIMEOUT = 2.0
+HEALTH_FIELDS = ["status", "database", "channel_layer"]
+
+
+def health_schema(*values: str) -> dict:
+    properties = {name: {"type": "string", "enum": list(values)} for name in HEALTH_FIELDS}
+    return {"type": "object", "required": HEALTH_FIELDS, "properties": properties}
 
 
 def _select_one() -> None:
@@ -49,14 +55,16 @@ class HealthView(AsyncAPIView):
     throttle_classes: list = []
 
     @extend_schema(
-        responses=inline_serializer(
-            "Health",
-            {
-                "status": serializers.CharField(),
-                "database": serializers.CharField(),
-                "channel_layer": serializers.CharField(),
-            },
-        )
+        operation_id="health",
+        responses={
+            200: OpenApiResponse(health_schema("ok")),
+            503: OpenApiResponse(
+                {"allOf": [health_schema("ok", "error"), error_schema([ServiceUnavailable.default_code])]},
+                description="`status` is `error`, and so is each dependency that did not answer; the error object "
+                "is `service_unavailable`.",
+            ),
+            **errors(BadHost),
+        },
     )
     async def get(self, request: Request) -> Response:
         checks = {"database": await _database_ok(), "channel_layer": await _channel_layer_ok()}

@@ -287,6 +287,25 @@ def test_list_filters_by_agent_type(client, make_thread):
     assert {item["agent_type"] for item in response.json()} == {"general_chat"}
 
 
+def test_an_empty_agent_type_filter_is_no_filter(client, make_thread):
+    make_thread(agent_type="bank_support", title="bank")
+    make_thread(agent_type="general_chat", title="chat")
+
+    response = client.get(THREADS, {"agent_type": ""})
+
+    assert response.status_code == 200
+    assert sorted(item["title"] for item in response.json()) == ["bank", "chat"]
+
+
+@pytest.mark.parametrize("agent_type", ["tax_advisor", " general_chat"])
+def test_an_unknown_agent_type_filter_is_422_listing_the_known_ones(client, agent_type):
+    response = client.get(THREADS, {"agent_type": agent_type})
+
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "unknown_agent_type"
+    assert response.json()["error"]["details"]["known_agent_types"] == ["bank_support", "general_chat"]
+
+
 def test_list_serves_20_threads_by_default_and_respects_limit(client, make_thread):
     for index in range(23):
         make_thread(title=f"t{index}")

@@ -108,18 +108,29 @@ def test_nan_and_infinity_are_400_malformed_json(client, constant):
 
     response = send(client, "POST", THREADS, '{"agent_type": "general_chat", "metadata": {"x": ' + constant + "}}")
 
-    assert_error(response, 400, "malformed_json")
+    error = assert_error(response, 400, "malformed_json")
+    assert error["message"] == "NaN and Infinity are not JSON numbers."
     assert counts() == before
 
 
-@pytest.mark.parametrize("number", ["1e999", "-1e999", "1.5e400", str(2**64), str(-(2**64)), "9" * 400])
+@pytest.mark.parametrize(
+    "number", ["1e999", "-1e999", "1.5e400", str(2**63), str(-(2**63) - 1), str(2**64), "9" * 400, "9" * 5000]
+)
 def test_overflowing_numbers_are_400_malformed_json(client, number):
     before = counts()
 
     response = send(client, "POST", THREADS, '{"agent_type": "general_chat", "metadata": {"x": ' + number + "}}")
 
-    assert_error(response, 400, "malformed_json")
+    error = assert_error(response, 400, "malformed_json")
+    assert error["message"].startswith("Numbers must fit in 64 bits")
     assert counts() == before
+
+
+@pytest.mark.parametrize("number", [str(2**63 - 1), str(-(2**63)), "-0", "1e308"])
+def test_numbers_that_fit_in_64_bits_are_accepted(client, number):
+    response = send(client, "POST", THREADS, '{"agent_type": "general_chat", "metadata": {"x": ' + number + "}}")
+
+    assert response.status_code == 201, response.content
 
 
 def test_ordinary_numbers_are_accepted(client):
@@ -148,7 +159,8 @@ def test_nesting_deeper_than_64_is_400_malformed_json(client, container):
 
     response = send(client, "POST", THREADS, with_metadata(metadata))
 
-    assert_error(response, 400, "malformed_json")
+    error = assert_error(response, 400, "malformed_json")
+    assert error["message"] == "JSON must not be nested deeper than 64 levels."
     assert counts() == before
 
 
@@ -157,7 +169,8 @@ def test_very_deep_nesting_is_400_not_a_crash(client):
 
     response = send(client, "POST", THREADS, "[" * 20_000 + "]" * 20_000)
 
-    assert_error(response, 400)
+    error = assert_error(response, 400, "malformed_json")
+    assert error["message"] == "JSON must not be nested deeper than 64 levels."
     assert counts() == before
 
 

@@ -1,6 +1,7 @@
 from typing import Any
 
 from django.conf import settings
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from bankagent.exceptions import InvalidText, QueryTooLong, UnknownAgentType
@@ -38,6 +39,40 @@ class TextField(serializers.CharField):
         return super().to_internal_value(check_text(data))
 
 
+class AgentTypeField(TextField):
+    """An agent type of the registry, which the view passes as the context's `agent_types` (threads does not import
+    agents here). Exactly as listed: " bank_support" names no agent."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(trim_whitespace=False, **kwargs)
+
+    def to_internal_value(self, data: Any) -> str:
+        value = super().to_internal_value(data)
+        known = self.context["agent_types"]
+        if value not in known:
+            raise UnknownAgentType.of(value, known)
+        return value
+
+
+class IdField(serializers.UUIDField):
+    """A UUID given as a string (DRF would also take the integer 12 as a UUID)."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, str):
+            self.fail("invalid", value=data)
+        return super().to_internal_value(data)
+
+
+@extend_schema_field({"type": ["object", "null"], "description": "The structured output; null for text agents."})
+class OutputField(serializers.JSONField):
+    pass
+
+
+@extend_schema_field({"type": "object"})
+class ObjectField(serializers.JSONField):
+    pass
+
+
 class MetadataField(serializers.JSONField):
     def to_internal_value(self, data: Any) -> dict[str, Any]:
         if not isinstance(data, dict):
@@ -46,6 +81,8 @@ class MetadataField(serializers.JSONField):
 
 
 class ThreadSerializer(serializers.ModelSerializer):
+    metadata = ObjectField(read_only=True)
+
     class Meta:
         model = Thread
         fields = ["id", "user_id", "agent_type", "title", "metadata", "created_at", "updated_at"]
@@ -53,15 +90,9 @@ class ThreadSerializer(serializers.ModelSerializer):
 
 
 class ThreadCreateSerializer(serializers.Serializer):
-    agent_type = TextField(max_length=50)
+    agent_type = AgentTypeField(max_length=50)
     title = TextField(max_length=200, required=False, allow_null=True, allow_blank=True)
     metadata = MetadataField(required=False)
-
-    def validate_agent_type(self, value: str) -> str:
-        known = self.context["agent_types"]
-        if value not in known:
-            raise UnknownAgentType.of(value, known)
-        return value
 
 
 class ThreadUpdateSerializer(serializers.Serializer):
@@ -71,6 +102,10 @@ class ThreadUpdateSerializer(serializers.Serializer):
 
 class MessageSerializer(serializers.ModelSerializer):
     thread_id = serializers.UUIDField(read_only=True)
+    output = OutputField(read_only=True)
+    metadata = ObjectField(
+        read_only=True, help_text="On assistant messages the server adds `model`, `usage` and `duration_ms`."
+    )
 
     class Meta:
         model = Message
@@ -98,7 +133,7 @@ class QueryField(TextField):
 
 
 class AgentQuerySerializer(serializers.Serializer):
-    thread_id = serializers.UUIDField()
+    thread_id = IdField()
     query = QueryField()
 
 
@@ -110,7 +145,7 @@ class QueryFrameSerializer(serializers.Serializer):
 
 
 class TicketRequestSerializer(serializers.Serializer):
-    thread_id = serializers.UUIDField()
+    thread_id = IdField()
 
 
 class TicketSerializer(serializers.Serializer):
@@ -123,13 +158,15 @@ class AgentResponseSerializer(serializers.Serializer):
     message_id = serializers.UUIDField(source="assistant_message.id")
     user_message_id = serializers.UUIDField(source="user_message.id")
     response = serializers.CharField(source="assistant_message.content")
-    output = serializers.JSONField(source="assistant_message.output")
-    status = serializers.CharField(
-        source="assistant_message.status", help_text="`complete`, or `incomplete` when the run was cancelled."
+    output = OutputField(source="assistant_message.output")
+    status = serializers.ChoiceField(
+        choices=["complete", "incomplete"],
+        source="assistant_message.status",
+        help_text="`complete`, or `incomplete` when the run was cancelled.",
     )
 
 
 class AgentSerializer(serializers.Serializer):
     agent_type = serializers.CharField()
     description = serializers.CharField()
-    output_schema = serializers.JSONField()
+    output_schema = ObjectField(help_text="The JSON Schema of the agent's output.")

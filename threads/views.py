@@ -4,7 +4,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 from django.http import StreamingHttpResponse
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
@@ -13,9 +14,22 @@ from rest_framework.serializers import Serializer
 
 from agents.registry import AGENTS, agent_types
 from bankagent.async_views import AsyncAPIView
-from bankagent.exceptions import UnknownAgentType
+from bankagent.exceptions import InvalidCursor, InvalidLimit, InvalidText, NotFound, UnknownAgentType
 from bankagent.jsontypes import JSONObject
-from bankagent.pagination import KeysetPaginator
+from bankagent.pagination import MAX_LIMIT, KeysetPaginator
+from bankagent.schema import (
+    AGENT_QUERY_EXAMPLES,
+    AGENT_STREAM_EXAMPLES,
+    BODY_ERRORS,
+    CALL_ERRORS,
+    RUN_ERRORS,
+    RUN_START_ERRORS,
+    SESSION_WRITE_ERRORS,
+    STREAM_EVENT_EXAMPLES,
+    STREAM_EVENT_REF,
+    THREAD_CREATE_EXAMPLES,
+    errors,
+)
 from bankagent.throttling import RUN_THROTTLES
 from identity.tickets import ticket_issue
 from runs.events import Backlog, BacklogFull, Dialect, encode
@@ -39,10 +53,35 @@ from threads.serializers import (
 
 THREAD_PAGES = KeysetPaginator(fields=["updated_at", "id"], salt="threads")
 MESSAGE_PAGES = KeysetPaginator(fields=["seq"], salt="messages", default_limit=50)
-PAGE_PARAMETERS = [
-    OpenApiParameter("limit", int, description="1 to 100."),
-    OpenApiParameter("cursor", str, description="From the `Link` header of the previous page."),
-]
+
+
+def page_parameters(default_limit: int) -> list[OpenApiParameter]:
+    limit = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": default_limit}
+    cursor = {"type": "string", "minLength": 1}
+    return [
+        OpenApiParameter("limit", limit, description=f"Items per page, 1 to {MAX_LIMIT}; else 400 `invalid_limit`."),
+        OpenApiParameter(
+            "cursor",
+            cursor,
+            description="Opaque: the `cursor` of the `Link` header's URL. One the server did not issue answers 400 "
+            "`invalid_cursor`.",
+        ),
+        OpenApiParameter(
+            "Link",
+            str,
+            OpenApiParameter.HEADER,
+            response=[200],
+            description='The next page, as `<URL>; rel="next"` (RFC 8288); absent on the last page.',
+        ),
+    ]
+
+
+THREAD_ID = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="A thread of the end user.")
+AGENT_TYPE_FILTER = OpenApiParameter(
+    "agent_type",
+    {"type": "string", "enum": ["", *agent_types()]},
+    description="Only threads of this agent; empty: no filter. Another value answers 422 `unknown_agent_type`.",
+)
 
 
 def validated(serializer_class: type[Serializer], data: object, **context: object) -> JSONObject:
@@ -72,24 +111,44 @@ class ThreadViewSet(viewsets.ViewSet):
         return own_thread(request, selectors.parse_thread_id(pk))
 
     @extend_schema(
-        parameters=[*PAGE_PARAMETERS, OpenApiParameter("agent_type", str)], responses=ThreadSerializer(many=True)
+        operation_id="threads_list",
+        parameters=[*page_parameters(THREAD_PAGES.default_limit), AGENT_TYPE_FILTER],
+        responses={
+            200: ThreadSerializer(many=True),
+            **errors(*CALL_ERRORS, InvalidLimit, InvalidCursor, UnknownAgentType),
+        },
     )
     def list(self, request: Request) -> Response:
-        agent_type = request.query_params.get("agent_type")
+        """The end user's threads, most recently updated first."""
+        agent_type = request.query_params.get("agent_type") or None
         if agent_type is not None and agent_type not in AGENTS:
             raise UnknownAgentType.of(agent_type, agent_types())
         threads = selectors.thread_list(user_id=request.user.user_id, agent_type=agent_type)
         page, headers = THREAD_PAGES.page(request, threads)
         return Response(ThreadSerializer(page, many=True).data, headers=headers)
 
-    @extend_schema(request=ThreadCreateSerializer, responses={201: ThreadSerializer})
+    @extend_schema(
+        operation_id="threads_create",
+        request=ThreadCreateSerializer,
+        responses={
+            201: ThreadSerializer,
+            **errors(*CALL_ERRORS, *BODY_ERRORS, *SESSION_WRITE_ERRORS, InvalidText, UnknownAgentType),
+        },
+        examples=THREAD_CREATE_EXAMPLES,
+    )
     def create(self, request: Request) -> Response:
+        """A new thread of the end user with an agent of the registry."""
         data = validated(ThreadCreateSerializer, request.data, agent_types=agent_types())
         thread = services.thread_create(user_id=request.user.user_id, **data)
         return Response(ThreadSerializer(thread).data, status=status.HTTP_201_CREATED)
 
-    @extend_schema(responses=ThreadDetailSerializer)
+    @extend_schema(
+        operation_id="threads_retrieve",
+        parameters=[THREAD_ID],
+        responses={200: ThreadDetailSerializer, **errors(*CALL_ERRORS, NotFound)},
+    )
     def retrieve(self, request: Request, pk: str) -> Response:
+        """The thread with its latest 50 messages, in chronological order."""
         thread = self._thread(request, pk)
         latest: dict[str, bool] = {}
 
@@ -101,20 +160,43 @@ class ThreadViewSet(viewsets.ViewSet):
         thread.has_more_messages = latest["more"]
         return Response(ThreadDetailSerializer(thread).data)
 
-    @extend_schema(request=ThreadUpdateSerializer, responses=ThreadSerializer)
+    @extend_schema(
+        operation_id="threads_update",
+        parameters=[THREAD_ID],
+        request=ThreadUpdateSerializer,
+        responses={
+            200: ThreadSerializer,
+            **errors(*CALL_ERRORS, *BODY_ERRORS, *SESSION_WRITE_ERRORS, InvalidText, NotFound),
+        },
+    )
     def partial_update(self, request: Request, pk: str) -> Response:
+        """Change the title or the metadata; other fields of the body are ignored."""
         thread = self._thread(request, pk)
         data = validated(ThreadUpdateSerializer, request.data)
         return Response(ThreadSerializer(services.thread_update(thread=thread, **data)).data)
 
-    @extend_schema(responses={204: None})
+    @extend_schema(
+        operation_id="threads_delete",
+        parameters=[THREAD_ID],
+        responses={204: None, **errors(*CALL_ERRORS, *SESSION_WRITE_ERRORS, NotFound)},
+    )
     def destroy(self, request: Request, pk: str) -> Response:
+        """Delete the thread and its messages."""
         services.thread_delete(thread=self._thread(request, pk))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
-    @extend_schema(parameters=PAGE_PARAMETERS, responses=MessageSerializer(many=True))
+    @extend_schema(
+        operation_id="threads_messages",
+        parameters=[THREAD_ID, *page_parameters(MESSAGE_PAGES.default_limit)],
+        responses={
+            200: MessageSerializer(many=True),
+            **errors(*CALL_ERRORS, NotFound, InvalidLimit, InvalidCursor),
+        },
+    )
     @action(detail=True, methods=["get"])
     def messages(self, request: Request, pk: str) -> Response:
+        """The thread's messages in chronological order, latest page first; the `Link` header's next page is the
+        older one."""
         thread = self._thread(request, pk)
         headers: dict[str, str] = {}
 
@@ -128,13 +210,20 @@ class ThreadViewSet(viewsets.ViewSet):
 
 
 class AgentViewSet(viewsets.ViewSet):
-    @extend_schema(responses=AgentSerializer(many=True))
+    @extend_schema(operation_id="agents_list", responses={200: AgentSerializer(many=True), **errors(*CALL_ERRORS)})
     def list(self, request: Request) -> Response:
+        """The agents a thread can be created with."""
         return Response(AgentSerializer(AGENTS.values(), many=True).data)
 
-    @extend_schema(request=TicketRequestSerializer, responses={201: TicketSerializer})
+    @extend_schema(
+        operation_id="ws_ticket_create",
+        request=TicketRequestSerializer,
+        responses={201: TicketSerializer, **errors(*CALL_ERRORS, *BODY_ERRORS, NotFound)},
+    )
     @action(detail=False, methods=["post"])
     def ticket(self, request: Request) -> Response:
+        """A single-use ticket, valid for 60 seconds, that opens the thread's websocket as this key and end user
+        (`/ws/v1/threads/{id}/?ticket=...`), for browsers, which cannot set headers. API keys only."""
         data = validated(TicketRequestSerializer, request.data)
         thread = own_thread(request, data["thread_id"])
         ticket, expires_at = ticket_issue(
@@ -148,7 +237,15 @@ class AgentQueryView(AsyncAPIView):
 
     throttle_classes = RUN_THROTTLES
 
-    @extend_schema(request=AgentQuerySerializer, responses=AgentResponseSerializer)
+    @extend_schema(
+        operation_id="agent_query",
+        request=AgentQuerySerializer,
+        responses={
+            200: AgentResponseSerializer,
+            **errors(*CALL_ERRORS, *BODY_ERRORS, *SESSION_WRITE_ERRORS, *RUN_ERRORS),
+        },
+        examples=AGENT_QUERY_EXAMPLES,
+    )
     async def post(self, request: Request) -> Response:
         data = validated(AgentQuerySerializer, request.data)
         turn = await run_blocking(user_id=request.user.user_id, thread_id=data["thread_id"], query=data["query"])
@@ -160,7 +257,20 @@ class AgentStreamView(AsyncAPIView):
 
     throttle_classes = RUN_THROTTLES
 
-    @extend_schema(request=AgentQuerySerializer, responses={(200, "application/x-ndjson"): str})
+    @extend_schema(
+        operation_id="agent_stream",
+        request=AgentQuerySerializer,
+        responses={
+            (200, "application/x-ndjson"): OpenApiResponse(
+                STREAM_EVENT_REF,
+                description="One JSON object a line (`schema` describes one line), flushed as the answer is "
+                "written; a failure after the first line is an `error` event, then `done`.",
+                examples=STREAM_EVENT_EXAMPLES,
+            ),
+            **errors(*CALL_ERRORS, *BODY_ERRORS, *SESSION_WRITE_ERRORS, *RUN_START_ERRORS),
+        },
+        examples=AGENT_STREAM_EXAMPLES,
+    )
     async def post(self, request: Request) -> StreamingHttpResponse:
         data = validated(AgentQuerySerializer, request.data)
         listener = await start_stream(

@@ -1,0 +1,459 @@
+"""The OpenAPI schema's shared parts: the error responses, text and JSON constraints the serializers enforce in
+code, the stream's events, and a hook that adds what every operation shares (the X-User-ID header, Retry-After,
+WWW-Authenticate) and the links that lead from a created thread to everything done with it.
+"""
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+
+from django.conf import settings
+from drf_spectacular.extensions import OpenApiSerializerFieldExtension
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse
+
+from agents.registry import agent_types
+from bankagent.exceptions import (
+    ApplicationError,
+    AuthenticationFailed,
+    BadHost,
+    CsrfFailed,
+    DatabaseBusy,
+    InvalidText,
+    InvalidUserId,
+    MalformedJson,
+    ModelError,
+    ModelNotConfigured,
+    ModelTimeout,
+    ModelUnavailable,
+    NotAnObject,
+    NotAuthenticated,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    QueryTooLong,
+    RunInterrupted,
+    ThreadBusy,
+    Throttled,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from identity.schema import API_KEY_SCHEME
+from threads.serializers import QueryField
+
+JSON_OBJECT_REF = {"$ref": "#/components/schemas/JSONObject"}
+
+# Text is refused with 400 invalid_text when it holds NUL (a pattern says so) or an unpaired surrogate (which no
+# JSON Schema pattern can express, and which no UTF-8 body can carry unescaped).
+NO_NUL = "^[^\\u0000]*$"
+# Python's str.isspace(), which DRF strips from both ends before checking a required text.
+_SPACE = "\\t-\\r\\u001c-\\u0020\\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+NOT_BLANK = f"^[^\\u0000]*[^\\u0000{_SPACE}][^\\u0000]*$"
+TEXT_RULES = (
+    "Surrounding whitespace is stripped, and lengths are counted in code points, after stripping. Text holding a "
+    "NUL character or an unpaired surrogate (`\\ud800`) is refused with 400 `invalid_text`."
+)
+INT64 = 2**63
+
+JSON_VALUE = {
+    "description": "Any JSON value the parser reads: integers must fit in 64 bits, and the body may be nested at most "
+    "64 levels deep (else 400 `malformed_json`).",
+    "anyOf": [
+        {"type": "string"},
+        {"type": "integer", "minimum": -INT64, "maximum": INT64 - 1},
+        {"type": "number"},
+        {"type": "boolean"},
+        {"type": "null"},
+        {"type": "array", "items": {"$ref": "#/components/schemas/JSONValue"}},
+        {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/JSONValue"}},
+    ],
+}
+METADATA_VALUE = {
+    "description": "A JSON value as JSONValue, and its strings (keys too) free of NUL characters and unpaired "
+    "surrogates (else 400 `invalid_text`).",
+    "anyOf": [
+        {"type": "string", "pattern": NO_NUL},
+        {"type": "integer", "minimum": -INT64, "maximum": INT64 - 1},
+        {"type": "number"},
+        {"type": "boolean"},
+        {"type": "null"},
+        {"type": "array", "items": {"$ref": "#/components/schemas/MetadataValue"}},
+        JSON_OBJECT_REF,
+    ],
+}
+JSON_OBJECT = {
+    "type": "object",
+    "description": "A JSON object, with MetadataValue's limits on everything in it.",
+    "propertyNames": {"type": "string", "pattern": NO_NUL},
+    "additionalProperties": {"$ref": "#/components/schemas/MetadataValue"},
+}
+IGNORED_FIELDS = {
+    "$ref": "#/components/schemas/JSONValue",
+    "description": "Fields not listed are ignored (still parsed: JSONValue's limits apply).",
+}
+
+ERROR = {
+    "type": "object",
+    "description": "Every error of the API, whatever its status.",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string", "description": "What went wrong, for machines."},
+                "message": {"type": "string", "description": "What went wrong, for people."},
+                "details": {
+                    "type": "object",
+                    "description": "More about it: the field errors of `validation_error`, the known agent types "
+                    "of `unknown_agent_type`, the limit of `query_too_long`.",
+                },
+            },
+        }
+    },
+}
+
+
+def error_schema(codes: Iterable[str]) -> dict:
+    """The error object, its code one of `codes`."""
+    refinement = {"properties": {"error": {"properties": {"code": {"enum": sorted(set(codes))}}}}}
+    return {"allOf": [{"$ref": "#/components/schemas/Error"}, refinement]}
+
+
+def errors(*classes: type[ApplicationError]) -> dict[int, OpenApiResponse]:
+    """The responses of these errors, grouped by status, each listing its codes: for `@extend_schema(responses=...)`."""
+    by_status: dict[int, dict[str, str]] = defaultdict(dict)
+    for cls in classes:
+        by_status[cls.status_code][cls.default_code] = cls.default_detail.format(settings=settings)
+    return {
+        status: OpenApiResponse(
+            response=error_schema(codes),
+            description="\n".join(f"- `{code}`: {message}" for code, message in sorted(codes.items())),
+        )
+        for status, codes in sorted(by_status.items())
+    }
+
+
+class TextFieldExtension(OpenApiSerializerFieldExtension):
+    """threads.serializers.TextField: what its checks refuse, as far as JSON Schema can say it."""
+
+    target_class = "threads.serializers.TextField"
+    match_subclasses = True
+
+    def map_serializer_field(self, auto_schema, direction):
+        field = self.target
+        schema = {"type": "string"}  # drf-spectacular adds null for allow_null, and maxLength for max_length
+        if field.allow_blank:
+            # Not a top-level pattern: drf-spectacular would add a oneOf branch for "", which the pattern matches too.
+            schema["allOf"] = [{"pattern": NO_NUL}]
+        else:
+            schema |= {"minLength": 1, "pattern": NOT_BLANK}
+        if isinstance(field, QueryField):
+            schema["maxLength"] = settings.MAX_QUERY_CHARS
+        schema["description"] = " ".join(filter(None, [field.help_text, TEXT_RULES]))
+        return schema
+
+
+class MetadataFieldExtension(OpenApiSerializerFieldExtension):
+    target_class = "threads.serializers.MetadataField"
+
+    def map_serializer_field(self, auto_schema, direction):
+        return JSON_OBJECT_REF
+
+
+class AgentTypeFieldExtension(OpenApiSerializerFieldExtension):
+    target_class = "threads.serializers.AgentTypeField"
+    priority = 1  # before TextFieldExtension, which matches it too
+
+    def map_serializer_field(self, auto_schema, direction):
+        return {
+            "type": "string",
+            "enum": agent_types(),
+            "description": "An agent of `GET /api/v1/agents`; another answers 422 `unknown_agent_type`.",
+        }
+
+
+# The stream's events (HTTP NDJSON lines and websocket frames alike).
+UUID = {"type": "string", "format": "uuid"}
+REQUEST_ID = {"type": "string", "description": "The `request_id` of the websocket query frame that started the run."}
+OUTPUT = {
+    "type": ["object", "null"],
+    "description": "The structured output (null for text agents, and for an answer stopped before it had one).",
+}
+
+
+def _event(name: str, description: str, required: dict | None = None, optional: dict | None = None) -> dict:
+    required = required or {}
+    return {
+        "type": "object",
+        "description": description,
+        "required": ["event", *required],
+        "properties": {"event": {"type": "string", "enum": [name]}, **required, **(optional or {})}
+        | {"request_id": REQUEST_ID},
+    }
+
+
+DELTA = {
+    "message_id": UUID,
+    "token": {
+        "type": "string",
+        "description": "Structured agents: the JSON text of the validated partial output so far, holding only the "
+        "fields produced so far (cumulative). Text agents: the new text since the last delta.",
+    },
+}
+EVENTS = {
+    "MessageCreatedEvent": _event(
+        "message_created",
+        "The user's message, saved.",
+        {
+            "message": {
+                "type": "object",
+                "required": ["id", "role", "content"],
+                "properties": {"id": UUID, "role": {"type": "string", "enum": ["user"]}, "content": {"type": "string"}},
+            }
+        },
+    ),
+    "MessageStartedEvent": _event(
+        "message_started", "The answer is being written: its message id.", {"message_id": UUID}
+    ),
+    "TextDeltaEvent": _event("text_delta", "The answer grew.", DELTA),
+    "TokenEvent": _event("token", "`text_delta` as the legacy dialect (keys with `--events legacy`) names it.", DELTA),
+    "ToolCallEvent": _event(
+        "tool_call",
+        "The agent looks something up (not sent in the legacy dialect).",
+        {
+            "message_id": UUID,
+            "tool_call": {
+                "type": "object",
+                "required": ["name", "args"],
+                "properties": {"name": {"type": "string"}, "args": {"type": "object"}},
+            },
+        },
+    ),
+    "ToolResultEvent": _event(
+        "tool_result",
+        "What the lookup returned (not sent in the legacy dialect).",
+        {
+            "message_id": UUID,
+            "tool_result": {
+                "type": "object",
+                "required": ["name", "content"],
+                "properties": {"name": {"type": "string"}, "content": {"description": "Any JSON value."}},
+            },
+        },
+    ),
+    "MessageCompleteEvent": _event(
+        "message_complete",
+        "The answer is saved: `complete`, or `incomplete` when it was cancelled (what was written so far is kept).",
+        {
+            "message_id": UUID,
+            "status": {"type": "string", "enum": ["complete", "incomplete"]},
+            "content": {"type": "string", "description": "As the message's `content`."},
+            "output": OUTPUT,
+        },
+    ),
+    "ErrorEvent": _event(
+        "error",
+        "The run failed (the answer is saved with status `failed`); `done` follows. The same code and message as "
+        "the HTTP error would carry: `model_error`, `model_timeout`, `model_unavailable`, `model_not_configured`, "
+        "`run_interrupted`, `not_found` (the thread was deleted meanwhile), `internal_error`.",
+        {"error": {"type": "string"}, "error_type": {"type": "string"}},
+        {"message_id": UUID, "details": {"type": "object"}},
+    ),
+    "DoneEvent": _event("done", "The last event of every run."),
+}
+STREAM_EVENT = {
+    "description": "One line of the stream. In order: message_created, message_started, then text_delta, tool_call "
+    "and tool_result as the answer is written, message_complete, done; on failure error then done.",
+    "oneOf": [{"$ref": f"#/components/schemas/{name}"} for name in EVENTS],
+    "discriminator": {
+        "propertyName": "event",
+        "mapping": {
+            schema["properties"]["event"]["enum"][0]: f"#/components/schemas/{name}" for name, schema in EVENTS.items()
+        },
+    },
+}
+STREAM_EVENT_REF = {"$ref": "#/components/schemas/StreamEvent"}
+
+COMPONENTS = {
+    "Error": ERROR,
+    "JSONValue": JSON_VALUE,
+    "MetadataValue": METADATA_VALUE,
+    "JSONObject": JSON_OBJECT,
+    **EVENTS,
+    "StreamEvent": STREAM_EVENT,
+}
+
+USER_ID_HEADER = {
+    "name": "X-User-ID",
+    "in": "header",
+    "required": True,
+    "schema": {"type": "string", "format": "uuid"},
+    "description": "The end user the key holder acts for (any spelling Python's `uuid.UUID` reads names the same "
+    "user). Missing or not a UUID: 400 `invalid_user_id`. Not needed with the chat page's session.",
+}
+WWW_AUTHENTICATE = {"WWW-Authenticate": {"required": True, "schema": {"type": "string", "enum": ["X-API-Key"]}}}
+RETRY_AFTER = {
+    "schema": {"type": "integer", "minimum": 1},
+    "description": "Seconds to wait before trying again.",
+}
+RETRYABLE = {cls.default_code for cls in (Overloaded, DatabaseBusy)}
+
+
+def _error_codes(response: dict) -> set[str]:
+    """The codes an error response built by `errors` lists."""
+    try:
+        refinement = response["content"]["application/json"]["schema"]["allOf"][1]
+        return set(refinement["properties"]["error"]["properties"]["code"]["enum"])
+    except (KeyError, IndexError):
+        return set()
+
+
+def _response_headers(status: str, response: dict) -> dict:
+    if status == "401":
+        return WWW_AUTHENTICATE
+    if status == "429":
+        return {"Retry-After": {**RETRY_AFTER, "required": True}}
+    if status == "503" and (retryable := sorted(_error_codes(response) & RETRYABLE)):
+        sent_with = " and ".join(f"`{code}`" for code in retryable)
+        return {"Retry-After": {**RETRY_AFTER, "description": f"{RETRY_AFTER['description']} Sent with {sent_with}."}}
+    return {}
+
+
+def _thread_links() -> dict:
+    """From a created thread to every operation on it, so that a client (or a fuzzer) can follow them."""
+    same_user = {"header.X-User-ID": "$request.header.X-User-ID"}
+    by_id = {"path.id": "$response.body#/id", **same_user}
+    in_body = {"thread_id": "$response.body#/id"}
+    links = {
+        "RetrieveThread": ("threads_retrieve", by_id, None),
+        "UpdateThread": ("threads_update", by_id, None),
+        "DeleteThread": ("threads_delete", by_id, None),
+        "ListMessages": ("threads_messages", by_id, None),
+        "Query": ("agent_query", same_user, in_body),
+        "Stream": ("agent_stream", same_user, in_body),
+        "IssueWebsocketTicket": ("ws_ticket_create", same_user, in_body),
+    }
+    return {
+        name: {"operationId": operation, "parameters": parameters} | ({"requestBody": body} if body else {})
+        for name, (operation, parameters, body) in links.items()
+    }
+
+
+def complete_schema(result: dict, generator: object, request: object, public: bool) -> dict:
+    """drf-spectacular postprocessing hook: shared components, per-operation headers, links."""
+    schemas = result.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(COMPONENTS)
+    for path_item in result["paths"].values():
+        for operation in path_item.values():
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                schemas[media["schema"]["$ref"].rsplit("/", 1)[1]]["additionalProperties"] = IGNORED_FIELDS
+            if any(API_KEY_SCHEME in requirement for requirement in operation.get("security", [])):
+                operation["parameters"] = [USER_ID_HEADER, *operation.get("parameters", [])]
+            responses = operation["responses"]
+            for status, response in responses.items():
+                if headers := _response_headers(status, response):
+                    response["headers"] = {**response.get("headers", {}), **headers}
+            operation["responses"] = dict(sorted(responses.items()))
+            if operation["operationId"] == "threads_create":
+                responses["201"]["links"] = _thread_links()
+    return result
+
+
+# Who may answer what, by the errors' classes (their codes and statuses are the code's own).
+CALL_ERRORS = (BadHost, InvalidUserId, NotAuthenticated, AuthenticationFailed, Throttled, DatabaseBusy)
+"""Any call with credentials: the Host check, the key and user checks, the rate limit, a database that stays busy."""
+BODY_ERRORS = (MalformedJson, NotAnObject, PayloadTooLarge, UnsupportedMediaType, ValidationFailed)
+"""Any call with a JSON body."""
+SESSION_WRITE_ERRORS = (CsrfFailed,)
+"""An unsafe call of the chat page's session without its CSRF token."""
+RUN_START_ERRORS = (InvalidText, NotFound, ThreadBusy, QueryTooLong, Overloaded, ModelNotConfigured)
+"""A run refused before anything is written."""
+RUN_ERRORS = (*RUN_START_ERRORS, ModelError, ModelUnavailable, ModelTimeout, RunInterrupted)
+"""A blocking run: its failures are HTTP errors too (a streamed run's are `error` events)."""
+
+
+# Examples: the seed's bank support conversation with John, the demo customer.
+_THREAD = {
+    "id": "3008db24-c607-465b-b0bd-cd88b72892a7",
+    "user_id": "123e4567-e89b-12d3-a456-426614174000",
+    "agent_type": "bank_support",
+    "title": "Card question",
+    "metadata": {},
+    "created_at": "2026-12-01T19:12:03.124865Z",
+    "updated_at": "2026-12-01T19:12:03.124880Z",
+}
+_ASSISTANT_ID = "0a15d806-5dfd-446e-8711-b073c45521e5"
+_BALANCE = {
+    "support_advice": "John, your current balance is $1,123.45.",
+    "block_card": False,
+    "risk_level": 0,
+    "follow_up_actions": ["Set up a low-balance alert"],
+}
+_BALANCE_TEXT = json.dumps(_BALANCE)
+_QUERY = {"thread_id": _THREAD["id"], "query": "What is my balance?"}
+
+THREAD_CREATE_EXAMPLES = [
+    OpenApiExample("Bank support", {"agent_type": "bank_support", "title": "Card question"}, request_only=True),
+    OpenApiExample("Created", _THREAD, response_only=True, status_codes=[201]),
+]
+AGENT_QUERY_EXAMPLES = [
+    OpenApiExample("Balance", _QUERY, request_only=True),
+    OpenApiExample(
+        "Balance answered",
+        {
+            "thread_id": _THREAD["id"],
+            "message_id": _ASSISTANT_ID,
+            "user_message_id": "e86e973b-0083-4929-b208-84427c17b33e",
+            "response": _BALANCE_TEXT,
+            "output": _BALANCE,
+            "status": "complete",
+        },
+        response_only=True,
+    ),
+]
+AGENT_STREAM_EXAMPLES = [OpenApiExample("Balance", _QUERY, request_only=True)]
+STREAM_EVENT_EXAMPLES = [
+    OpenApiExample(name, value, response_only=True)
+    for name, value in [
+        (
+            "message_created",
+            {
+                "event": "message_created",
+                "message": {"id": "e86e973b-0083-4929-b208-84427c17b33e", "role": "user", "content": _QUERY["query"]},
+            },
+        ),
+        ("message_started", {"event": "message_started", "message_id": _ASSISTANT_ID}),
+        (
+            "tool_call",
+            {
+                "event": "tool_call",
+                "message_id": _ASSISTANT_ID,
+                "tool_call": {"name": "customer_balance", "args": {"include_pending": False}},
+            },
+        ),
+        (
+            "tool_result",
+            {
+                "event": "tool_result",
+                "message_id": _ASSISTANT_ID,
+                "tool_result": {"name": "customer_balance", "content": 1123.45},
+            },
+        ),
+        (
+            "text_delta",
+            {"event": "text_delta", "message_id": _ASSISTANT_ID, "token": json.dumps({"support_advice": "John, your"})},
+        ),
+        (
+            "message_complete",
+            {
+                "event": "message_complete",
+                "message_id": _ASSISTANT_ID,
+                "status": "complete",
+                "content": _BALANCE_TEXT,
+                "output": _BALANCE,
+            },
+        ),
+        ("error", {"event": "error", "error": ModelTimeout.default_detail, "error_type": ModelTimeout.default_code}),
+        ("done", {"event": "done"}),
+    ]
+]
