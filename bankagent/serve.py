@@ -32,7 +32,8 @@ def main() -> None:
         "bankagent.asgi:application",
         address=args.host,
         port=args.port,
-        interface=Interfaces.ASGI,
+        # The application handles HTTP and websockets; it has nothing to do at start-up or shut-down.
+        interface=Interfaces.ASGINL,
         workers=args.workers,
         loop=Loops.uvloop,
         http=HTTPModes.http1,

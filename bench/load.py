@@ -69,7 +69,7 @@ def server_command(server: str, port: int, workers: int) -> list[str]:
         ]
     if server == "granian":
         return [
-            *(sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port)),
+            *(sys.executable, "-m", "granian", "--interface", "asginl", "--host", "127.0.0.1", "--port", str(port)),
             *("--workers", str(workers), "--loop", "uvloop", "--backlog", "4096", "--log-level", "warning", app),
         ]
     if server == "gunicorn":
