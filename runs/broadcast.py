@@ -1,8 +1,7 @@
 """Where a run's events go: the caller that listens to it (an NDJSON response), and every reader of its thread.
 
 Events are never awaited by the run. Readers in this process get each event at once, in their own backlogs;
-for other processes a publisher sends what has gathered as one batch per channel-layer message, so under load
-batches grow and messages stay few.
+for other processes a publisher sends what has gathered over a few milliseconds as one channel-layer message.
 """
 
 import asyncio
@@ -17,6 +16,9 @@ logger = logging.getLogger(__name__)
 
 PUBLISH_BACKLOG = 10_000
 """Events of one run waiting for the channel layer; deltas merge, so only a stalled layer comes near it."""
+PUBLISH_LINGER_SECONDS = 0.02
+"""How long a batch for other processes gathers events before it is sent: readers there hear of a run a little
+later, and a run sends a handful of messages rather than one per delta."""
 
 
 _PUBLISHING: set[asyncio.Task] = set()
@@ -60,6 +62,9 @@ class Broadcast:
     async def _publish(self) -> None:
         while True:
             try:
+                await self.pending.wait()
+                if not self.pending.ends_with_done():
+                    await asyncio.sleep(PUBLISH_LINGER_SECONDS)
                 batch = await self.pending.take()
             except BacklogFull:
                 return

@@ -98,13 +98,20 @@ class Backlog:
         for event in events:
             self.put(event)
 
-    async def take(self) -> list[Event]:
-        """Everything waiting, once something is; raises BacklogFull after an overflow."""
+    async def wait(self) -> None:
+        """Until something is waiting; raises BacklogFull after an overflow."""
         while not self.events:
             if self.overflowed:
                 raise BacklogFull()
             self.ready.clear()
             await self.ready.wait()
+
+    def ends_with_done(self) -> bool:
+        return bool(self.events) and self.events[-1]["event"] == "done"
+
+    async def take(self) -> list[Event]:
+        """Everything waiting, once something is; raises BacklogFull after an overflow."""
+        await self.wait()
         if self.overflowed:
             raise BacklogFull()
         events = list(self.events)
