@@ -11,7 +11,6 @@ import contextvars
 import logging
 import time
 import uuid
-import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Protocol
 from channels.layers import BaseChannelLayer, get_channel_layer
 
 from runs.events import Event
+from runs.loops import per_loop
 
 logger = logging.getLogger(__name__)
 
@@ -229,12 +229,5 @@ class Hub:
             await _layer().group_add(CANCELS_GROUP, inbox)
 
 
-_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()
-
-
-def hub() -> Hub:
-    """The hub of the running event loop (one per server process)."""
-    loop = asyncio.get_running_loop()
-    if (found := _hubs.get(loop)) is None:
-        found = _hubs[loop] = Hub()
-    return found
+hub = per_loop(Hub)
+"""The hub of the running event loop (one per server process)."""

@@ -11,7 +11,6 @@ import contextvars
 import logging
 import time
 import uuid
-import weakref
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -19,6 +18,7 @@ from django.conf import settings
 from bankagent.db import db
 from bankagent.jsontypes import JSON
 from runs.hub import LocalRun
+from runs.loops import per_loop
 from runs.services import runs_renew
 
 logger = logging.getLogger(__name__)
@@ -97,12 +97,5 @@ class LeaseKeeper:
                 kept.saved = checkpoints[message_id][0]
 
 
-_keepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LeaseKeeper] = weakref.WeakKeyDictionary()
-
-
-def keeper() -> LeaseKeeper:
-    """The keeper of the running event loop (one per server process)."""
-    loop = asyncio.get_running_loop()
-    if (found := _keepers.get(loop)) is None:
-        found = _keepers[loop] = LeaseKeeper()
-    return found
+keeper = per_loop(LeaseKeeper)
+"""The keeper of the running event loop (one per server process)."""

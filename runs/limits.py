@@ -8,12 +8,12 @@ a query (its first events) goes before starting a model, during a burst.
 
 import asyncio
 import contextlib
-import weakref
 from collections.abc import AsyncIterator, Iterator
 
 from django.conf import settings
 
 from bankagent.exceptions import Overloaded
+from runs.loops import per_loop
 
 
 class RunSlots:
@@ -74,12 +74,5 @@ class ModelTurns:
             yield
 
 
-_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ModelTurns] = weakref.WeakKeyDictionary()
-
-
-def model_turns() -> ModelTurns:
-    """The running event loop's turns for models to answer."""
-    loop = asyncio.get_running_loop()
-    if (found := _turns.get(loop)) is None:
-        found = _turns[loop] = ModelTurns()
-    return found
+model_turns = per_loop(ModelTurns)
+"""The running event loop's turns for models to answer."""

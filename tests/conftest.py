@@ -4,13 +4,14 @@ import pytest
 from asgiref.sync import SyncToAsync
 from django.db import connections
 from pydantic_ai import models
+from pydantic_ai.models.function import FunctionModel
 from rest_framework.test import APIClient
 
 from bank.models import DEMO_USER_ID, Customer
 from bank.seed import demo_customer_create
 from identity.authentication import _recent as recent_keys
 from identity.models import APIKey
-from runs.services import run_begin, run_finish
+from runs.services import RunStart, run_begin, run_finish
 from threads.models import Message, Thread
 
 models.ALLOW_MODEL_REQUESTS = False
@@ -100,39 +101,55 @@ def make_thread(db, user_id):
     return make
 
 
+def begin_run(thread: Thread, query: str = "Hello", *, lease_seconds: float = 30) -> RunStart:
+    """A run begun on `thread` as the service begins one (the lease taken, the question saved), not finished."""
+    return run_begin(
+        thread_id=thread.pk,
+        user_id=thread.user_id,
+        query=query,
+        model_label="test",
+        lease_seconds=lease_seconds,
+        history_turns=0,
+        deps_for=lambda agent_type, user_id: None,
+    )
+
+
+def finished_turn(
+    thread: Thread,
+    *,
+    query: str = "Hello",
+    answer: str = "Hi there.",
+    status: str = Message.Status.COMPLETE,
+    output: object = None,
+    model_messages: list | None = None,
+    metadata: dict | None = None,
+) -> tuple[Message, Message]:
+    """A finished exchange on a thread, saved as a run saves it: the user's message and the answer."""
+    start = begin_run(thread, query)
+    run_finish(
+        message_id=start.assistant_message.pk,
+        status=status,
+        content=answer,
+        output=output,
+        metadata=metadata or {},
+        model_messages=model_messages,
+    )
+    start.assistant_message.refresh_from_db()
+    thread.refresh_from_db()
+    return start.user_message, start.assistant_message
+
+
 @pytest.fixture
 def make_turn(db):
-    """A finished exchange on a thread, saved as a run saves it: the user's message and the answer."""
+    return finished_turn
 
-    def make(
-        thread: Thread,
-        *,
-        query: str = "Hello",
-        answer: str = "Hi there.",
-        status: str = Message.Status.COMPLETE,
-        output: object = None,
-        model_messages: list | None = None,
-        metadata: dict | None = None,
-    ) -> tuple[Message, Message]:
-        start = run_begin(
-            thread_id=thread.pk,
-            user_id=thread.user_id,
-            query=query,
-            model_label="test",
-            lease_seconds=30,
-            history_turns=0,
-            deps_for=lambda agent_type, user_id: None,
-        )
-        run_finish(
-            message_id=start.assistant_message.pk,
-            status=status,
-            content=answer,
-            output=output,
-            metadata=metadata or {},
-            model_messages=model_messages,
-        )
-        start.assistant_message.refresh_from_db()
-        thread.refresh_from_db()
-        return start.user_message, start.assistant_message
 
-    return make
+@pytest.fixture
+def use_model(settings):
+    """Answers from a FunctionModel of the test's function, set where every entry point resolves the model."""
+
+    def use(function) -> FunctionModel:
+        settings.AGENT_MODEL = FunctionModel(function)
+        return settings.AGENT_MODEL
+
+    return use

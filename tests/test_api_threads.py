@@ -24,7 +24,6 @@ from pydantic_ai.exceptions import (
     ModelUnavailableError,
 )
 from pydantic_ai.messages import ModelResponse, TextPart
-from pydantic_ai.models.function import FunctionModel
 from rest_framework.test import APIClient
 
 import runs.runner
@@ -32,7 +31,8 @@ from bankagent.db import db
 from identity.models import APIKey
 from runs.hub import hub
 from runs.limits import slots
-from runs.services import run_begin, runs_renew
+from runs.services import runs_renew
+from tests.conftest import begin_run
 from threads.models import Message, Thread
 
 THREADS = "/api/v1/threads"
@@ -146,15 +146,7 @@ def make_messages(thread: Thread, count: int) -> list[Message]:
 
 def start_run(thread: Thread, query: str) -> tuple[Message, Message]:
     """A turn whose run is still going: the question, and the answer it is writing under a live lease."""
-    start = run_begin(
-        thread_id=thread.pk,
-        user_id=thread.user_id,
-        query=query,
-        model_label="test",
-        lease_seconds=30,
-        history_turns=0,
-        deps_for=lambda agent_type, user_id: None,
-    )
+    start = begin_run(thread, query)
     return start.user_message, start.assistant_message
 
 
@@ -193,15 +185,6 @@ def assert_no_internals(response, error: dict[str, Any]) -> None:
     content = response.content.decode()
     for internal in ("Traceback", "SELECT", "UPDATE", "locked", "threads_message", "sk-live", "provider said"):
         assert internal not in content, (internal, error)
-
-
-@pytest.fixture
-def use_model(settings):
-    def use(function) -> FunctionModel:
-        settings.AGENT_MODEL = FunctionModel(function)
-        return settings.AGENT_MODEL
-
-    return use
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from django.core.management import call_command
 from django.db import connection
 
 from agents.demo_script import POEM
-from runs.services import run_begin, run_finish
+from tests.conftest import finished_turn
 from tests.test_fanout_processes import free_port, wait_healthy
 from threads.models import Message, Thread
 
@@ -320,20 +320,5 @@ async def test_earlier_messages_load_on_demand(page, service, demo_password, dem
 
 
 def _finished_turn(thread: Thread, query: str, advice: str) -> None:
-    start = run_begin(
-        thread_id=thread.pk,
-        user_id=thread.user_id,
-        query=query,
-        model_label="test",
-        lease_seconds=30,
-        history_turns=0,
-        deps_for=lambda agent_type, user_id: None,
-    )
     output = {"support_advice": advice, "block_card": False, "risk_level": 1, "follow_up_actions": []}
-    run_finish(
-        message_id=start.assistant_message.pk,
-        status=Message.Status.COMPLETE,
-        content=json.dumps(output),
-        output=output,
-        metadata={},
-    )
+    finished_turn(thread, query=query, answer=json.dumps(output), output=output)

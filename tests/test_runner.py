@@ -18,7 +18,7 @@ from pydantic_ai.messages import (
     ToolReturnPart,
     UserPromptPart,
 )
-from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.models.function import AgentInfo
 
 import runs.keeper
 import runs.runner
@@ -47,15 +47,6 @@ def balance_then_answer(messages: list[ModelMessage], info: AgentInfo) -> ModelR
 
 def run(thread: Thread, query: str) -> Turn:
     return async_to_sync(run_blocking)(user_id=thread.user_id, thread_id=thread.pk, query=query)
-
-
-@pytest.fixture
-def use_model(settings):
-    def use(function) -> FunctionModel:
-        settings.AGENT_MODEL = FunctionModel(function)
-        return settings.AGENT_MODEL
-
-    return use
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from bankagent.asgi import application
 from identity.models import APIKey
 from runs import keeper, pipeline, runner
 from runs.broadcast import Broadcast
-from runs.services import run_begin
+from tests.conftest import begin_run
 from threads.models import Message, Thread
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -320,16 +320,7 @@ def set_lease_expiry(message_id: uuid.UUID | str, at: datetime) -> None:
 def unfinished_run(thread: Thread, *, lease_seconds: float) -> Message:
     """The answer of a run that started on `thread` and never finished (its process died, or it is still running
     elsewhere), its lease ending `lease_seconds` from now: negative for one that has lapsed."""
-    start = run_begin(
-        thread_id=thread.pk,
-        user_id=thread.user_id,
-        query="Are you there?",
-        model_label="demo",
-        lease_seconds=lease_seconds,
-        history_turns=0,
-        deps_for=lambda agent_type, user_id: None,
-    )
-    return start.assistant_message
+    return begin_run(thread, "Are you there?", lease_seconds=lease_seconds).assistant_message
 
 
 async def runs_finished() -> None:
