@@ -11,6 +11,7 @@ from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.db import OperationalError
 from django.http import Http404, JsonResponse
+from redis.exceptions import RedisError
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
 
@@ -110,11 +111,6 @@ class NotFound(ApplicationError):
     default_detail = "Not found."
 
 
-class MethodNotAllowed(ApplicationError):
-    status_code, default_code = 405, "method_not_allowed"
-    default_detail = "This method is not allowed here."
-
-
 class ThreadBusy(ApplicationError):
     status_code, default_code = 409, "thread_busy"
     default_detail = "An answer is already being generated on this thread."
@@ -169,6 +165,7 @@ class ModelError(ApplicationError):
 class ServiceUnavailable(ApplicationError):
     status_code, default_code = 503, "service_unavailable"
     default_detail = "A service this server depends on is down."
+    retry_after = 5
 
 
 class ModelUnavailable(ApplicationError):
@@ -221,6 +218,10 @@ def as_application_error(exc: BaseException) -> drf.APIException:
     if database_busy(exc):
         logger.warning("Database busy: %s", exc)
         return DatabaseBusy()
+    if isinstance(exc, RedisError):
+        # The cache (tickets) is Redis when REDIS_URL is set; while it is down the client can only retry.
+        logger.warning("Redis unavailable: %s", exc)
+        return ServiceUnavailable()
     logger.error("Unhandled error", exc_info=exc)
     return ApplicationError()
 

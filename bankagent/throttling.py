@@ -1,12 +1,17 @@
 """Rate limits, counted in the cache (Redis when REDIS_URL is set, so across processes), with rates from
 THROTTLE_RATES. A scope without a rate (THROTTLE_RATES=off) lets everything through without touching the cache.
+While Redis is down each process counts on its own, so the limits still hold per process and no request fails
+for want of a counter.
 """
 
+import logging
 import math
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from django.conf import settings
+from django.core.cache.backends.locmem import LocMemCache
+from redis.exceptions import RedisError
 from rest_framework.request import Request
 from rest_framework.throttling import SimpleRateThrottle
 
@@ -16,8 +21,21 @@ from identity.authentication import Principal
 if TYPE_CHECKING:  # DRF's views import the throttle classes their settings name
     from rest_framework.views import APIView
 
+logger = logging.getLogger(__name__)
+
+PROCESS_COUNTS = LocMemCache("throttles", {"OPTIONS": {"MAX_ENTRIES": 100_000}})
+"""Where this process counts while the shared cache is down."""
+
 
 class PrincipalRateThrottle(SimpleRateThrottle):
+    def allow_request(self, request: Request, view: "APIView | None") -> bool:
+        try:
+            return super().allow_request(request, view)
+        except RedisError as exc:
+            logger.warning("Counting %s in this process: Redis is unavailable (%s)", self.scope, exc)
+            self.cache = PROCESS_COUNTS
+            return super().allow_request(request, view)
+
     def get_rate(self) -> str | None:
         return settings.THROTTLE_RATES.get(self.scope)
 

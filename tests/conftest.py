@@ -3,6 +3,7 @@ import uuid
 import pytest
 from asgiref.sync import SyncToAsync
 from django.db import connections
+from django.test import override_settings
 from pydantic_ai import models
 from pydantic_ai.models.function import FunctionModel
 from rest_framework.test import APIClient
@@ -55,6 +56,24 @@ def _close_worker_thread_connections():
     # Async code reaches the database from asgiref's worker thread; its connection must not outlive the test
     # database (PostgreSQL refuses to drop a database still in use).
     SyncToAsync.single_thread_executor.submit(connections.close_all).result()
+
+
+@pytest.fixture
+def redis_cache_down():
+    """Call it to make the cache Redis, unreachable (nothing listens on port 1), until the test ends."""
+    down = override_settings(
+        CACHES={
+            "default": {
+                "BACKEND": "django.core.cache.backends.redis.RedisCache",
+                "LOCATION": "redis://127.0.0.1:1/0",
+                "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
+            }
+        }
+    )
+    enabled = []
+    yield lambda: enabled.append(down.enable())
+    if enabled:
+        down.disable()
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from channels.testing import HttpCommunicator, WebsocketCommunicator
 from django.core.cache import cache
 from django.core.cache.backends import base as cache_base
 from django.core.cache.backends import locmem
+from django.db import OperationalError
 from django.test import Client
 from django.utils import timezone
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
@@ -30,6 +31,7 @@ from identity.services import login_ensure
 from runs import pipeline
 from runs.hub import hub
 from runs.limits import slots
+from threads import consumers
 from threads.consumers import ThreadConsumer
 from threads.models import Message, Thread
 
@@ -471,6 +473,31 @@ async def test_ticket_is_single_use(socket, caller, thread):
     await second.disconnect()
 
 
+async def test_ticket_request_while_redis_is_down_is_503_service_unavailable(caller, thread, redis_cache_down):
+    redis_cache_down()
+
+    status, headers, body = await post("/api/v1/ws-tickets", {"thread_id": str(thread.pk)}, caller)
+
+    assert status == 503, body
+    assert json.loads(body)["error"]["code"] == "service_unavailable"
+    assert headers[b"retry-after"] == b"5"
+
+
+async def test_ticket_handshake_while_redis_is_down_gets_service_unavailable_then_1013(
+    socket, caller, thread, redis_cache_down
+):
+    ticket = await issue_ticket(caller, thread)
+    redis_cache_down()
+    ws = socket(thread_path(thread.pk, ticket))
+
+    accepted, _ = await ws.connect(timeout=TIMEOUT)  # raises if the consumer fails (a 500, or a 1011 close)
+    assert accepted
+    error = await ws.receive_json_from(timeout=TIMEOUT)
+    assert (error["event"], error["error_type"]) == ("error", "service_unavailable"), error
+    assert await closed_with(ws) == 1013
+    await ws.disconnect()
+
+
 async def test_unknown_ticket_closes_with_4401(socket, thread):
     ws = socket(thread_path(thread.pk, "not-a-ticket-this-server-issued"))
     assert await close_code(ws) == 4401
@@ -717,6 +744,21 @@ async def test_channel_layer_down_at_the_handshake_closes_with_1013_after_servic
     assert accepted
     error = await ws.receive_json_from(timeout=TIMEOUT)
     assert error["event"] == "error" and error["error_type"] == "service_unavailable", error
+    assert await closed_with(ws) == 1013
+    await ws.disconnect()
+
+
+async def test_database_failing_at_the_handshake_gets_database_busy_then_1013(socket, caller, thread, monkeypatch):
+    def locked(**kwargs: object) -> Thread:
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(consumers, "thread_get_for_user", locked)
+    ws = socket(thread_path(thread.pk), caller.headers())
+
+    accepted, _ = await ws.connect(timeout=TIMEOUT)
+    assert accepted
+    error = await ws.receive_json_from(timeout=TIMEOUT)
+    assert (error["event"], error["error_type"]) == ("error", "database_busy"), error
     assert await closed_with(ws) == 1013
     await ws.disconnect()
 

@@ -10,7 +10,7 @@ from django.test import Client
 from rest_framework.test import APIClient
 
 from bankagent.settings import _throttle_rates
-from bankagent.throttling import PrincipalRateThrottle
+from bankagent.throttling import PROCESS_COUNTS, PrincipalRateThrottle
 from identity.models import APIKey, Profile
 from identity.services import login_ensure
 from threads.models import Message, Thread
@@ -30,8 +30,10 @@ class Clock:
 @pytest.fixture(autouse=True)
 def _counts_start_at_zero():
     cache.clear()
+    PROCESS_COUNTS.clear()
     yield
     cache.clear()
+    PROCESS_COUNTS.clear()
 
 
 @pytest.fixture(autouse=True)
@@ -217,3 +219,27 @@ def test_throttle_rates_naming_unknown_scopes_is_improperly_configured_naming_th
 def test_throttle_rates_with_a_malformed_rate_is_improperly_configured(spec):
     with pytest.raises(ImproperlyConfigured):
         _throttle_rates(spec)
+
+
+# Redis down
+
+
+def test_while_redis_is_down_requests_are_served_and_counted_in_the_process(settings, user_id, redis_cache_down):
+    settings.THROTTLE_RATES = {"key": "2/min"}
+    api = keyed(user_id)
+    redis_cache_down()
+
+    assert api.get(THREADS).status_code == 200
+    assert api.post(THREADS, {"agent_type": "general_chat"}, format="json").status_code == 201
+    assert_throttled(api.get(THREADS))
+
+
+def test_while_redis_is_down_runs_are_answered(settings, client, make_thread, redis_cache_down):
+    settings.THROTTLE_RATES = {"runs_user": "30/min", "runs_key": "1200/min", "key": "6000/min"}
+    thread = make_thread(agent_type="general_chat")
+    redis_cache_down()
+
+    response = run(client, RUN_ENDPOINTS[0], thread)
+
+    assert response.status_code == 200, response.content
+    assert response.json()["status"] == "complete"

@@ -34,6 +34,7 @@ from threads.serializers import QueryFrameSerializer
 logger = logging.getLogger(__name__)
 
 CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
 """The service cannot serve the socket now (its channel layer is down, or the client fell too far behind)."""
 CLOSE_UNAUTHORIZED = 4401
@@ -70,13 +71,19 @@ class ThreadConsumer(AsyncWebsocketConsumer):
             thread_id = uuid.UUID(self.scope["url_route"]["kwargs"]["thread_id"])
         except ValueError:
             return await self._refuse(CLOSE_NOT_FOUND)
-        principal = await authenticate_socket(self.scope, thread_id)
-        if principal is None:
-            return await self._refuse(CLOSE_UNAUTHORIZED)
         try:
+            principal = await authenticate_socket(self.scope, thread_id)
+            if principal is None:
+                return await self._refuse(CLOSE_UNAUTHORIZED)
             thread = await db(thread_get_for_user)(thread_id=thread_id, user_id=principal.user_id)
         except NotFound:
             return await self._refuse(CLOSE_NOT_FOUND)
+        except Exception as exc:
+            # The database or Redis (tickets) failing: the client is told so, as an HTTP client would be.
+            error = as_application_error(exc)
+            await self.accept()
+            await self.send(text_data=encode(error_event(error), Dialect.STANDARD))
+            return await self.close(code=CLOSE_TRY_AGAIN_LATER if error.status_code == 503 else CLOSE_INTERNAL_ERROR)
         spec = AGENTS.get(thread.agent_type)
         self.backlog = Backlog(cumulative=spec is None or spec.structured, max_events=settings.STREAM_BACKLOG_EVENTS)
         self.dialect = Dialect(principal.events)
