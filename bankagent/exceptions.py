@@ -204,7 +204,8 @@ def database_busy(exc: BaseException) -> bool:
     """A database that stayed locked (SQLite) or out of connections (the pool) past its timeout."""
     if isinstance(exc, OperationalError) and "locked" in str(exc):
         return True
-    return type(exc).__name__ == "PoolTimeout"
+    # Django raises the pool's timeout as its own OperationalError, the pool's exception as its cause.
+    return any(type(error).__name__ == "PoolTimeout" for error in (exc, exc.__cause__))
 
 
 def as_application_error(exc: BaseException) -> drf.APIException:

@@ -5,11 +5,14 @@ import json
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
+import psycopg
 import pytest
 from django.db import DatabaseError, OperationalError
+from django.db.utils import DatabaseErrorWrapper
 from django.test.client import FakePayload
 from django.utils import timezone
 from psycopg_pool import PoolTimeout
@@ -903,14 +906,24 @@ def test_query_past_run_concurrency_is_503_overloaded_with_retry_after_and_write
     assert slots.taken == 1
 
 
+def as_django_raises_it(error: Exception) -> Exception:
+    """The error as Django raises it from a connection: wrapped in its own exception class, `error` its cause."""
+    try:
+        with DatabaseErrorWrapper(SimpleNamespace(Database=psycopg)):
+            raise error
+    except Exception as wrapped:
+        return wrapped
+
+
 @pytest.mark.parametrize(
     "busy",
     [
         lambda: OperationalError("database is locked"),
         lambda: OperationalError(f"database is locked: {SECRET_SQL}"),
         lambda: PoolTimeout("couldn't get a connection after 10.00 sec"),
+        lambda: as_django_raises_it(PoolTimeout("couldn't get a connection after 10.00 sec")),
     ],
-    ids=["sqlite locked", "sqlite locked with its statement", "pool timeout"],
+    ids=["sqlite locked", "sqlite locked with its statement", "pool timeout", "pool timeout through django"],
 )
 def test_query_while_the_database_stays_busy_is_503_database_busy_and_writes_nothing(
     client, make_thread, monkeypatch, busy, free_slots
