@@ -34,3 +34,4 @@ urlpatterns = [
 ]
 
 handler404 = "bankagent.views.api_not_found"
+handler500 = "bankagent.views.server_error"

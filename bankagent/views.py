@@ -9,7 +9,7 @@ from rest_framework.response import Response
 
 from bankagent.async_views import AsyncAPIView
 from bankagent.db import db
-from bankagent.exceptions import BadHost, NotFound, ServiceUnavailable, error_response
+from bankagent.exceptions import ApplicationError, BadHost, NotFound, ServiceUnavailable, error_response
 from bankagent.schema import error_schema, errors
 from runs.hub import hub
 
@@ -78,3 +78,8 @@ class HealthView(AsyncAPIView):
 @csrf_exempt
 def api_not_found(request: HttpRequest, *args: object, **kwargs: object) -> JsonResponse:
     return error_response(NotFound("There is no endpoint at this path."))
+
+
+def server_error(request: HttpRequest) -> JsonResponse:
+    """What failed outside DRF's handler (middleware, rendering): the contract's 500, never Django's page."""
+    return error_response(ApplicationError())

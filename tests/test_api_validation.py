@@ -9,10 +9,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from channels.testing import ApplicationCommunicator
 from django.core import signing
+from django.test import Client
 from rest_framework.test import APIClient
 
 from bankagent.asgi import application
-from bankagent.middleware import ASGIBodyLimit
+from bankagent.middleware import ASGIBodyLimit, XFrameOptionsMiddleware
 from threads.models import Message, Thread
 
 THREADS = "/api/v1/threads"
@@ -1003,3 +1004,18 @@ async def test_asgi_application_reads_a_chunked_body_within_the_limit(api_key):
     assert start["status"] == 201, body
     assert json.loads(body["body"])["agent_type"] == "general_chat"
     await communicator.wait(timeout=5)
+
+
+def test_failure_outside_the_views_is_the_contracts_json_500_without_its_details(monkeypatch):
+    def broken(self, request, response):
+        raise RuntimeError("secret detail of a middleware failure")
+
+    monkeypatch.setattr(XFrameOptionsMiddleware, "process_response", broken)
+    client = Client(raise_request_exception=False)
+
+    response = client.get("/api/v1/health")
+
+    assert response.status_code == 500
+    assert response["Content-Type"] == "application/json"
+    assert response.json()["error"]["code"] == "internal_error"
+    assert b"secret" not in response.content
