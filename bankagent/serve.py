@@ -17,15 +17,26 @@ from granian.log import LogLevels
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def env_int(name: str, default: int) -> int:
+        value = os.environ.get(name) or str(default)
+        if not value.isdigit() or int(value) < 1:
+            parser.error(f"{name} must be a positive whole number, not {value!r}.")
+        return int(value)
+
+    shared = bool(os.environ.get("REDIS_URL"))
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument("--port", type=int, default=env_int("PORT", 8000))
     parser.add_argument(
         "--workers",
         type=int,
-        default=int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1),
-        help="worker processes (default: WEB_CONCURRENCY, else the number of cores)",
+        default=env_int("WEB_CONCURRENCY", (os.cpu_count() or 1) if shared else 1),
+        help="worker processes (default: WEB_CONCURRENCY, else the number of cores with REDIS_URL, else 1)",
     )
     args = parser.parse_args()
+    if args.workers > 1 and not shared:
+        # Without Redis each worker would keep its own events, cancels, tickets and rate limits.
+        parser.error("Several workers share runs, tickets and rate limits through Redis: set REDIS_URL, or serve one.")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bankagent.settings")
 
     Granian(

@@ -1,11 +1,13 @@
 """API keys: the create_api_key command, and the event dialect a key gives the requests it authenticates."""
 
 import uuid
+from datetime import timedelta
 from io import StringIO
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.core.management import CommandError, call_command
+from django.utils import timezone
 from rest_framework.request import Request
 from rest_framework.test import APIRequestFactory
 
@@ -66,6 +68,16 @@ def test_create_api_key_if_none_keeps_the_existing_key(db):
 
     assert lines == ["An API key named 'dev' exists already; its key was printed when it was created."]
     assert APIKey.objects.get(name="dev").events == "legacy"
+
+
+def test_create_api_key_if_none_creates_a_key_when_the_named_one_has_expired(db):
+    create_api_key("dev")
+    APIKey.objects.filter(name="dev").update(expiry_date=timezone.now() - timedelta(seconds=1))
+
+    lines = create_api_key("dev", "--if-none")
+
+    assert lines[0] == "Created API key 'dev'"
+    assert APIKey.objects.get_usable_keys().filter(name="dev").count() == 2
 
 
 # The principal

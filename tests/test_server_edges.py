@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -400,3 +401,13 @@ def test_answer_of_a_killed_process_is_failed_run_interrupted_with_its_checkpoin
     assert shown["content"] == checkpointed
     assert again.status == 200, (again.body, crashing_server.log_tail())
     assert json.loads(again.body)["status"] == "complete"
+
+
+def test_serve_refuses_several_workers_without_redis(monkeypatch):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    served = subprocess.run(
+        [sys.executable, "-m", "bankagent.serve", "--workers", "2"], capture_output=True, text=True, timeout=60
+    )
+
+    assert served.returncode == 2
+    assert "set REDIS_URL, or serve one" in served.stderr

@@ -1,6 +1,7 @@
 from datetime import timedelta
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db.models import Q
 from django.utils import timezone
 
 from identity.models import APIKey
@@ -29,7 +30,8 @@ class Command(BaseCommand):
             raise CommandError("The name must be 1 to 50 characters long.")
         if expires_in_days is not None and expires_in_days < 1:
             raise CommandError("--expires-in-days must be at least 1.")
-        if if_none and APIKey.objects.get_usable_keys().filter(name=name).exists():
+        unexpired = Q(expiry_date__isnull=True) | Q(expiry_date__gt=timezone.now())
+        if if_none and APIKey.objects.get_usable_keys().filter(unexpired, name=name).exists():
             self.stdout.write(f"An API key named {name!r} exists already; its key was printed when it was created.")
             return
         expiry = timezone.now() + timedelta(days=expires_in_days) if expires_in_days else None
