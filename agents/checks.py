@@ -1,4 +1,4 @@
-"""Start-up checks: a misconfigured model or registry fails `manage.py check` and every server start."""
+"""Start-up checks: a misconfigured model or registry fails `manage.py check` and `migrate`."""
 
 from typing import Any
 

@@ -32,6 +32,7 @@ from bankagent.exceptions import (
     PayloadTooLarge,
     QueryTooLong,
     RunInterrupted,
+    ServiceUnavailable,
     ThreadBusy,
     Throttled,
     UnsupportedMediaType,
@@ -296,7 +297,7 @@ RETRY_AFTER = {
     "schema": {"type": "integer", "minimum": 1},
     "description": "Seconds to wait before trying again.",
 }
-RETRYABLE = {cls.default_code for cls in (Overloaded, DatabaseBusy)}
+RETRYABLE = {cls.default_code for cls in (Overloaded, DatabaseBusy, ServiceUnavailable)}
 
 
 def _error_codes(response: dict) -> set[str]:
@@ -372,7 +373,7 @@ RUN_ERRORS = (*RUN_START_ERRORS, ModelError, ModelUnavailable, ModelTimeout, Run
 """A blocking run: its failures are HTTP errors too (a streamed run's are `error` events)."""
 
 
-# Examples: the seed's bank support conversation with John, the demo customer.
+# Examples: the original service's bank support conversation with John, the demo customer.
 _THREAD = {
     "id": "3008db24-c607-465b-b0bd-cd88b72892a7",
     "user_id": "123e4567-e89b-12d3-a456-426614174000",

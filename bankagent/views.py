@@ -72,7 +72,8 @@ class HealthView(AsyncAPIView):
         body |= {name: "ok" if ok else "error" for name, ok in checks.items()}
         if all(checks.values()):
             return Response(body)
-        return Response(body | ServiceUnavailable().as_dict(), status=503)
+        error = ServiceUnavailable()
+        return Response(body | error.as_dict(), status=503, headers={"Retry-After": str(error.retry_after)})
 
 
 @csrf_exempt

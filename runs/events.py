@@ -26,7 +26,8 @@ class Dialect(StrEnum):
 
 
 def error_event(error: APIException, **extra: JSON) -> Event:
-    """The contract's error event: the same code and message as the HTTP error, under the seed's names."""
+    """The contract's error event: the same code and message as the HTTP error, under the names the service this
+    one replaced gave them."""
     body = error_body(error)["error"]
     event: Event = {"event": "error", "error": body["message"], "error_type": body["code"], **extra}
     if body.get("details"):

@@ -1,5 +1,5 @@
 """The periodic sweep: answers whose run died with its process are marked interrupted even on threads nobody
-reads again. Every server process sweeps (the update is idempotent); `manage.py sweep_runs` does it once."""
+reads again. Every server process that has started a run sweeps (the update is idempotent)."""
 
 import asyncio
 import contextvars

@@ -19,6 +19,7 @@ def assert_down(response, failed: str) -> None:
     assert body["status"] == "error"
     assert body[failed] == "error"
     assert body["error"]["code"] == "service_unavailable"
+    assert response["Retry-After"] == "5"
     (working,) = {"database", "channel_layer"} - {failed}
     assert body[working] == "ok"
     # The exception says where the dependency lives and how to reach it: clients never see it.

@@ -66,7 +66,7 @@ EXPECTED_ERRORS = {
             "503": {"overloaded", "model_not_configured"},
         },
     ],
-    "ws_ticket_create": [CALL, BODY, {"404": {"not_found"}}],
+    "ws_ticket_create": [CALL, BODY, {"404": {"not_found"}, "503": {"service_unavailable"}}],
     "health": [{"400": {"bad_host"}}],
 }
 STREAM_EVENT_NAMES = {

@@ -14,7 +14,14 @@ from rest_framework.serializers import Serializer
 
 from agents.registry import AGENTS, agent_types
 from bankagent.async_views import AsyncAPIView
-from bankagent.exceptions import InvalidCursor, InvalidLimit, InvalidText, NotFound, UnknownAgentType
+from bankagent.exceptions import (
+    InvalidCursor,
+    InvalidLimit,
+    InvalidText,
+    NotFound,
+    ServiceUnavailable,
+    UnknownAgentType,
+)
 from bankagent.jsontypes import JSONObject
 from bankagent.pagination import MAX_LIMIT, KeysetPaginator
 from bankagent.schema import (
@@ -218,7 +225,7 @@ class AgentViewSet(viewsets.ViewSet):
     @extend_schema(
         operation_id="ws_ticket_create",
         request=TicketRequestSerializer,
-        responses={201: TicketSerializer, **errors(*CALL_ERRORS, *BODY_ERRORS, NotFound)},
+        responses={201: TicketSerializer, **errors(*CALL_ERRORS, *BODY_ERRORS, NotFound, ServiceUnavailable)},
     )
     @action(detail=False, methods=["post"])
     def ticket(self, request: Request) -> Response:
