@@ -3,7 +3,6 @@ then its answer saved. It runs as a task of its own, so the run outlives the req
 """
 
 import asyncio
-import contextvars
 import json
 import logging
 import time
@@ -151,20 +150,49 @@ async def start_stream(
 
     Raises before anything is written when the run cannot start (see `open_run`).
     """
-    run = await open_run(user_id=user_id, thread_id=thread_id, query=query)
+    started: asyncio.Future[Backlog | None] = asyncio.get_running_loop().create_future()
+    started.add_done_callback(_retrieved)
+    # One task from taking the lease to saving the answer: a caller gone even while the lease is being taken
+    # leaves a run that answers, not a lease nobody renews or releases.
+    task = asyncio.create_task(_open_and_execute(user_id, thread_id, query, request_id, listen, started))
+    _RUNS.add(task)
+    task.add_done_callback(_RUNS.discard)
+    return await asyncio.shield(started)
+
+
+async def _open_and_execute(
+    user_id: uuid.UUID,
+    thread_id: uuid.UUID,
+    query: str,
+    request_id: str | None,
+    listen: bool,
+    started: asyncio.Future[Backlog | None],
+) -> None:
+    try:
+        run = await open_run(user_id=user_id, thread_id=thread_id, query=query)
+    except asyncio.CancelledError:
+        started.cancel()
+        raise
+    except Exception as exc:
+        started.set_exception(exc)
+        return
     structured = run.spec.structured
     listener = Backlog(cumulative=structured, max_events=settings.STREAM_BACKLOG_EVENTS) if listen else None
     broadcast = Broadcast(thread_id=thread_id, cumulative=structured, request_id=request_id, listener=listener)
-    # A fresh context: the run belongs to no request, and must not use a request's thread for its database work.
-    task = asyncio.create_task(execute(run, broadcast), context=contextvars.Context())
-    _RUNS.add(task)
-    task.add_done_callback(_RUNS.discard)
-    return listener
+    if not started.cancelled():
+        started.set_result(listener)
+    # The lease was taken as part of the request; the run outlives it, and must not use its thread.
+    serve_outside_requests()
+    await execute(run, broadcast)
+
+
+def _retrieved(started: asyncio.Future[Backlog | None]) -> None:
+    if not started.cancelled():
+        started.exception()  # the caller that would have raised it may be gone
 
 
 async def execute(run: Run, broadcast: Broadcast) -> None:
     """Stream the run to its end, or until it is stopped, and save its answer; every path ends with `done`."""
-    serve_outside_requests()
     progress = Streamed()
     try:
         broadcast.emit(message_created(run))
@@ -212,11 +240,12 @@ async def execute(run: Run, broadcast: Broadcast) -> None:
         logger.exception("Could not save the answer of thread %s", run.start.thread.pk)
         broadcast.emit(error_event(as_application_error(exc), message_id=str(run.message_id)))
     finally:
+        # Released first: nothing a reader does with the last events can keep the thread busy.
+        release(run)
         if (task := asyncio.current_task()) is not None and task.cancelling():
             # Stopped from outside (the server shutting down): the answer is left to be marked interrupted.
             broadcast.emit(error_event(RunInterrupted(), message_id=str(run.message_id)))
         broadcast.emit({"event": "done"})
-        release(run)
         await broadcast.flushed()
 
 

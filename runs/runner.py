@@ -97,9 +97,10 @@ async def open_run(*, user_id: uuid.UUID, thread_id: uuid.UUID, query: str) -> R
         slots.give_back()
         raise
     local = LocalRun(thread_id=thread_id, received_at=received_at)
+    run = Run(agent_spec(start.thread.agent_type), model, query, start, local, time.monotonic())
     hub().register(local)
     ensure_sweeper()
-    return Run(agent_spec(start.thread.agent_type), model, query, start, local, time.monotonic())
+    return run
 
 
 def keep(run: Run, progress: Progress | None = None) -> None:
@@ -236,8 +237,9 @@ async def run_blocking(*, user_id: uuid.UUID, thread_id: uuid.UUID, query: str) 
 
     The run goes on if the caller goes away: its answer is saved all the same.
     """
-    run = await open_run(user_id=user_id, thread_id=thread_id, query=query)
-    task = asyncio.create_task(_blocking(run))
+    # One task from taking the lease to saving the answer: a caller gone even while the lease is being taken
+    # leaves a run that answers, not a lease nobody renews or releases.
+    task = asyncio.create_task(_blocking(user_id=user_id, thread_id=thread_id, query=query))
     # Held until done: when the caller is gone, nothing else holds the run's task.
     _BLOCKING.add(task)
     task.add_done_callback(_forget)
@@ -253,7 +255,8 @@ def _forget(task: asyncio.Task) -> None:
         task.exception()  # retrieved: the caller that would have seen it may be gone, and the run reported it
 
 
-async def _blocking(run: Run) -> Turn:
+async def _blocking(*, user_id: uuid.UUID, thread_id: uuid.UUID, query: str) -> Turn:
+    run = await open_run(user_id=user_id, thread_id=thread_id, query=query)
     broadcast = Broadcast(thread_id=run.start.thread.pk, cumulative=run.spec.structured)
     try:
         broadcast.emit(message_created(run))
@@ -280,8 +283,9 @@ async def _blocking(run: Run) -> Turn:
         broadcast.emit(error_event(as_application_error(exc), message_id=str(run.message_id)))
         raise
     finally:
-        broadcast.emit({"event": "done"})
+        # Released first: nothing a reader does with the last event can keep the thread busy.
         release(run)
+        broadcast.emit({"event": "done"})
     return run.turn
 
 

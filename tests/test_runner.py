@@ -3,6 +3,7 @@ answer saved, its events broadcast, its lease kept, and what happens when it is 
 
 import asyncio
 import json
+import threading
 from datetime import timedelta
 
 import pytest
@@ -29,7 +30,7 @@ from runs.hub import hub
 from runs.limits import slots
 from runs.runner import Turn, run_blocking
 from runs.selectors import thread_history
-from runs.services import runs_interrupt
+from runs.services import RunStart, runs_interrupt
 from threads.models import Message, Thread
 
 ADVICE = {"support_advice": "Your balance is $1,123.45.", "block_card": False, "risk_level": 1, "follow_up_actions": []}
@@ -316,6 +317,40 @@ def test_blocking_run_goes_on_and_saves_its_answer_when_its_caller_goes_away(mak
 
     answer = Message.objects.get(pk=turn.assistant_message.pk)
     assert (answer.status, answer.content) == ("complete", "Still answered")
+
+
+def test_blocking_run_answers_when_its_caller_goes_away_while_the_lease_is_being_taken(
+    make_thread, use_model, monkeypatch, free_slots
+):
+    thread = make_thread(agent_type="general_chat")
+    use_model(lambda messages, info: ModelResponse(parts=[TextPart("Answered all the same")]))
+    taking, may_take = [], threading.Event()
+    real_begin = runs.runner.run_begin
+
+    def begin_once_allowed(**kwargs: object) -> RunStart:
+        loop, event = taking[0]
+        loop.call_soon_threadsafe(event.set)
+        may_take.wait(timeout=30)
+        return real_begin(**kwargs)
+
+    monkeypatch.setattr(runs.runner, "run_begin", begin_once_allowed)
+
+    async def caller_goes_away() -> Turn:
+        taking.append((asyncio.get_running_loop(), asyncio.Event()))
+        caller = asyncio.create_task(run_blocking(user_id=thread.user_id, thread_id=thread.pk, query="Hi"))
+        await taking[0][1].wait()
+        the_run = next(task for task in asyncio.all_tasks() if task.get_coro().__name__ == "_blocking")
+        caller.cancel()
+        may_take.set()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        async with asyncio.timeout(30):
+            return await the_run
+
+    turn = async_to_sync(caller_goes_away)()
+
+    answer = Message.objects.get(pk=turn.assistant_message.pk)
+    assert (answer.status, answer.content, answer.lease_expires_at) == ("complete", "Answered all the same", None)
 
 
 def test_blocking_run_whose_lease_is_lost_is_stopped_and_raises_run_interrupted(

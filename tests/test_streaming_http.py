@@ -223,6 +223,16 @@ class StreamClient:
         self, thread_id: uuid.UUID, query: str, *, reader: StalledReader | None = None
     ) -> tuple[ApplicationCommunicator, StreamResponse]:
         """Send the request and read the response's start; the body is left to read."""
+        communicator = await self.send(thread_id, query, reader=reader)
+        start = await communicator.receive_output(timeout=TIMEOUT)
+        assert start["type"] == "http.response.start"
+        headers = {name.decode().lower(): value.decode() for name, value in start.get("headers", [])}
+        return communicator, StreamResponse(status=start["status"], headers=headers)
+
+    async def send(
+        self, thread_id: uuid.UUID, query: str, *, reader: StalledReader | None = None
+    ) -> ApplicationCommunicator:
+        """Send the request; its answer is left to read."""
         body = json.dumps({"thread_id": str(thread_id), "query": query}).encode()
         scope = {
             "type": "http",
@@ -239,10 +249,7 @@ class StreamClient:
         app = application if reader is None else reader.wrap(application)
         communicator = ApplicationCommunicator(app, scope)
         await communicator.send_input({"type": "http.request", "body": body, "more_body": False})
-        start = await communicator.receive_output(timeout=TIMEOUT)
-        assert start["type"] == "http.response.start"
-        headers = {name.decode().lower(): value.decode() for name, value in start.get("headers", [])}
-        return communicator, StreamResponse(status=start["status"], headers=headers)
+        return communicator
 
     async def post(self, thread_id: uuid.UUID, query: str) -> StreamResponse:
         communicator, response = await self.open(thread_id, query)
@@ -711,6 +718,30 @@ async def test_client_gone_mid_stream_does_not_lose_the_answer(stream_client, ch
     assert answer.status == Message.Status.COMPLETE
     assert answer.content == held.text
     assert answer.lease_expires_at is None
+
+
+async def test_stream_answers_when_its_client_goes_away_while_the_lease_is_being_taken(
+    stream_client, chat_thread, monkeypatch
+):
+    loop, taking, may_take = asyncio.get_running_loop(), asyncio.Event(), threading.Event()
+    real_begin = runner.run_begin
+
+    def begin_once_allowed(**kwargs: Any) -> Any:
+        loop.call_soon_threadsafe(taking.set)
+        may_take.wait(timeout=TIMEOUT)
+        return real_begin(**kwargs)
+
+    monkeypatch.setattr(runner, "run_begin", begin_once_allowed)
+    communicator = await stream_client.send(chat_thread.pk, "Write me a poem")
+    await taking.wait()
+
+    await communicator.send_input({"type": "http.disconnect"})
+    may_take.set()
+    await communicator.wait(timeout=TIMEOUT)
+
+    answer = await settled_answer(chat_thread.pk)
+    assert (answer.status, answer.lease_expires_at) == (Message.Status.COMPLETE, None)
+    assert answer.content
 
 
 LOOKUPS = 12
