@@ -8,6 +8,7 @@ response is rendered inline.
 
 import inspect
 
+from django.core.exceptions import SynchronousOnlyOperation
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -28,7 +29,11 @@ class AsyncAPIView(APIView):
             if self._checks_need_io(drf_request):
                 await db(self.initial)(drf_request, *args, **kwargs)
             else:
-                self.initial(drf_request, *args, **kwargs)
+                try:
+                    self.initial(drf_request, *args, **kwargs)
+                except SynchronousOnlyOperation:
+                    # The key's verification lapsed since it was found cached: it is verified in a hop after all.
+                    await db(self.initial)(drf_request, *args, **kwargs)
             method = drf_request.method.lower()
             handler = getattr(self, method, None) if method in self.http_method_names else None
             response = (handler or self.http_method_not_allowed)(drf_request, *args, **kwargs)

@@ -1,6 +1,7 @@
 """Who a request acts for: an API key holder and the end user it names, or a signed-in user of the chat page."""
 
 import hashlib
+import itertools
 import time
 import uuid
 from dataclasses import dataclass
@@ -80,11 +81,15 @@ def key_grant(raw: str | None) -> KeyGrant | None:
     digest = _digest(raw)
     if (entry := _fresh(digest)) is not None:
         grant = entry[1]
+        _recent[digest] = _recent.pop(digest, entry)  # the least recently used go first
     else:
         key = api_key_from(raw)
         grant = None if key is None else KeyGrant(key_id=key.pk, events=key.events, expiry=key.expiry_date)
+        _recent.pop(digest, None)
         if len(_recent) >= _RECENT_MAX:
-            _recent.clear()
+            # A flood of unknown keys cannot flush the keys in use.
+            for stale in list(itertools.islice(_recent, _RECENT_MAX // 10)):
+                _recent.pop(stale, None)
         _recent[digest] = (time.monotonic(), grant)
     if grant is not None and grant.expiry is not None and grant.expiry <= timezone.now():
         return None

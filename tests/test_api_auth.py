@@ -10,6 +10,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from bankagent import async_views
 from identity import authentication
 from identity.authentication import _recent as recent_keys
 from identity.models import APIKey
@@ -97,6 +98,32 @@ def test_revoked_key_is_401_where_it_was_not_verified_lately(db):
     response = keyed(key).get(THREADS)
 
     assert_error(response, 401, "authentication_failed")
+
+
+def test_key_whose_verification_lapses_during_the_request_is_verified_again(db, monkeypatch):
+    _, key = APIKey.objects.create_key(name="lapsing")
+    thread = Thread.objects.create(user_id=USER, agent_type="general_chat")
+    # The run endpoints check a key inline when it was verified lately; here it lapses just after that check.
+    monkeypatch.setattr(async_views, "credentials_cached", lambda request: True)
+
+    response = keyed(key).post("/api/v1/agent/query", {"thread_id": str(thread.pk), "query": "Hi"}, format="json")
+
+    assert response.status_code == 200, response.content
+
+
+def test_a_flood_of_unknown_keys_does_not_forget_every_verified_key(db, settings, monkeypatch):
+    monkeypatch.setattr(authentication, "_RECENT_MAX", 10)
+    _, key = APIKey.objects.create_key(name="in use")
+    for attempt in range(30):
+        if attempt % 5 == 0:
+            authentication.key_grant(key)
+        authentication.key_grant(f"unknown-{attempt}")
+
+    with CaptureQueriesContext(connection) as captured:
+        assert authentication.key_grant(key) is not None
+
+    assert len(captured) == 0
+    assert len(recent_keys) <= 10
 
 
 def test_expired_key_is_401(db):
