@@ -157,6 +157,23 @@ def _usable_key(api_key_id: str | None) -> APIKey | None:
     return _unexpired(APIKey.objects.get_usable_keys().filter(pk=api_key_id).first())
 
 
+# Keys of open sockets found usable, by id: when, and until when they are.
+_open_keys: dict[str, tuple[float, datetime | None]] = {}
+
+
+async def key_still_usable(api_key_id: str) -> bool:
+    """Whether a socket's key may still start runs: a revoked key stops within API_KEY_CACHE_SECONDS, an
+    expired one at once, as over HTTP."""
+    entry = _open_keys.get(api_key_id)
+    if entry is None or time.monotonic() - entry[0] >= settings.API_KEY_CACHE_SECONDS:
+        key = await db(_usable_key)(api_key_id)
+        if key is None:
+            _open_keys.pop(api_key_id, None)
+            return False
+        entry = _open_keys[api_key_id] = (time.monotonic(), key.expiry_date)
+    return entry[1] is None or entry[1] > timezone.now()
+
+
 async def authenticate_socket(scope: dict, thread_id: uuid.UUID) -> Principal | None:
     """Who a websocket handshake acts for: a single-use ticket for this thread, the API headers, or the session.
 

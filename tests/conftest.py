@@ -10,6 +10,7 @@ from rest_framework.test import APIClient
 
 from bank.models import DEMO_USER_ID, Customer
 from bank.seed import demo_customer_create
+from identity.authentication import _open_keys as open_socket_keys
 from identity.authentication import _recent as recent_keys
 from identity.models import APIKey
 from runs.services import RunStart, run_begin, run_finish
@@ -48,6 +49,7 @@ def _no_throttling(settings):
 @pytest.fixture(autouse=True)
 def _keys_verified_afresh():
     recent_keys.clear()
+    open_socket_keys.clear()
 
 
 @pytest.fixture(autouse=True)

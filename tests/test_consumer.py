@@ -558,6 +558,25 @@ async def test_ticket_dies_with_its_revoked_api_key(socket, caller, thread):
     await ws.disconnect()
 
 
+@pytest.mark.parametrize("lapse", ["revoked", "expired"])
+async def test_open_socket_whose_key_is_revoked_or_expired_starts_no_run_and_closes_4401(
+    socket, caller, thread, settings, lapse
+):
+    settings.API_KEY_CACHE_SECONDS = 0  # as once the process's memory of the key has lapsed
+    ws = socket(thread_path(thread.pk), caller.headers())
+    await connected(ws)
+    change = {"revoked": True} if lapse == "revoked" else {"expiry_date": timezone.now() - timedelta(seconds=1)}
+    await APIKey.objects.filter(pk=caller.api_key.pk).aupdate(**change)
+
+    await ws.send_json_to({"type": "query", "query": BALANCE})
+
+    error = await ws.receive_json_from(timeout=TIMEOUT)
+    assert (error["event"], error["error_type"]) == ("error", "authentication_failed"), error
+    assert await closed_with(ws) == 4401
+    await ws.disconnect()
+    await nothing_written(thread)
+
+
 # Origin and routing
 
 

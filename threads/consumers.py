@@ -13,6 +13,7 @@ from agents.registry import AGENTS
 from bankagent.db import db, serve_outside_requests
 from bankagent.exceptions import (
     ApplicationError,
+    AuthenticationFailed,
     BadFrame,
     NotFound,
     PayloadTooLarge,
@@ -23,7 +24,7 @@ from bankagent.exceptions import (
 from bankagent.jsontypes import JSONObject
 from bankagent.parsers import loads_strict
 from bankagent.throttling import check_run_throttles, throttling_on
-from identity.authentication import Principal, authenticate_socket
+from identity.authentication import Principal, authenticate_socket, key_still_usable
 from runs.events import Backlog, BacklogFull, Dialect, Event, encode, error_event
 from runs.hub import hub
 from runs.pipeline import start_stream
@@ -161,6 +162,10 @@ class ThreadConsumer(AsyncWebsocketConsumer):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         assert self.thread is not None and self.principal is not None
+        if self.principal.api_key_id is not None and not await key_still_usable(self.principal.api_key_id):
+            # Revoked or expired since the handshake: the socket ends as a handshake with that key would.
+            await self.send(text_data=encode(error_event(AuthenticationFailed()), Dialect.STANDARD))
+            return await self.close(code=CLOSE_UNAUTHORIZED)
         if throttling_on():
             await db(check_run_throttles)(self.principal)
         # The run answers through the thread's readers, this socket included.
