@@ -1021,6 +1021,20 @@ async def test_socket_that_stops_reading_does_not_hold_up_the_run_and_never_gets
     await ws.disconnect()
 
 
+async def test_socket_whose_sending_fails_is_closed_rather_than_left_silent(socket, caller, thread, monkeypatch):
+    ws = socket(thread_path(thread.pk), caller.headers())
+    await connected(ws)
+
+    async def send_fails(self, text_data: str | None = None, **kwargs: object) -> None:
+        raise RuntimeError("the transport broke")
+
+    monkeypatch.setattr(ThreadConsumer, "send", send_fails)
+    await ws.send_json_to({"type": "ping"})
+
+    assert await closed_with(ws) == 1011
+    await ws.disconnect()
+
+
 async def test_throttled_query_gets_throttled_error_and_the_socket_stays_open(socket, caller, thread, settings):
     settings.THROTTLE_RATES = {"runs_user": "1/min"}
     await cache.aclear()

@@ -98,6 +98,7 @@ class ThreadConsumer(AsyncWebsocketConsumer):
         self.thread, self.principal = thread, principal
         await self.accept()
         self.writer = asyncio.create_task(self._write())
+        self.writer.add_done_callback(self._writer_done)
 
     async def _refuse(self, code: int) -> None:
         # A close code reaches the client only after the handshake is accepted.
@@ -126,6 +127,13 @@ class ThreadConsumer(AsyncWebsocketConsumer):
         if self.writer is not None:
             self.writer.cancel()
         self.closing = asyncio.create_task(self.close(code=CLOSE_TRY_AGAIN_LATER))
+
+    def _writer_done(self, writer: asyncio.Task[None]) -> None:
+        """A writer that failed leaves a socket that would never hear anything again: it is closed."""
+        if writer.cancelled() or (error := writer.exception()) is None or self.closing is not None:
+            return
+        logger.warning("Closing a socket on thread %s: sending to it failed", self.thread_id, exc_info=error)
+        self.closing = asyncio.create_task(self.close(code=CLOSE_INTERNAL_ERROR))
 
     async def _write(self) -> None:
         with contextlib.suppress(BacklogFull):  # deliver() has dropped the socket
