@@ -6,11 +6,12 @@ database, takes the thread's lease and saves the user's message. `run_blocking` 
 """
 
 import asyncio
+import inspect
 import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -114,7 +115,7 @@ def release(run: Run) -> None:
     slots.give_back()
 
 
-async def until_stopped(run: Run, model_call: Awaitable[R]) -> R:
+async def until_stopped(run: Run, model_call: Coroutine[object, object, R]) -> R:
     """Await the model, once one of the process's model turns is free, unless the run is stopped first
     (cancelled, or its lease lost): then CancelledError."""
 
@@ -130,6 +131,8 @@ async def until_stopped(run: Run, model_call: Awaitable[R]) -> R:
         return await task
     finally:
         run.local.on_stop = None
+        if inspect.getcoroutinestate(model_call) == inspect.CORO_CREATED:
+            model_call.close()  # stopped before its turn came: never started, and never to be
 
 
 def usage_metadata(usage: RunUsage) -> dict[str, JSON]:

@@ -2,9 +2,12 @@
 answer saved, its events broadcast, its lease kept, and what happens when it is cancelled, abandoned or stopped."""
 
 import asyncio
+import inspect
 import json
 import threading
+import uuid
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -26,9 +29,9 @@ import runs.runner
 from bankagent.db import db
 from bankagent.exceptions import ModelError, ModelNotConfigured, RunInterrupted
 from runs.broadcast import Broadcast
-from runs.hub import hub
+from runs.hub import LocalRun, hub
 from runs.limits import slots
-from runs.runner import Turn, run_blocking
+from runs.runner import Turn, run_blocking, until_stopped
 from runs.selectors import thread_history
 from runs.services import RunStart, runs_interrupt
 from threads.models import Message, Thread
@@ -419,3 +422,24 @@ def test_lease_renewal_retries_after_a_database_error(make_thread, use_model, se
 
     assert renewals[:2] == ["failed", "renewed"]
     assert Message.objects.get(pk=turn.assistant_message.pk).status == "complete"
+
+
+def test_run_stopped_before_its_model_turn_never_starts_the_model():
+    local = LocalRun(thread_id=uuid.uuid4(), received_at=0.0)
+    local.stop("cancelled")
+    started = []
+
+    async def model_call() -> str:
+        started.append(True)
+        return "never"
+
+    call = model_call()
+
+    async def scenario() -> None:
+        with pytest.raises(asyncio.CancelledError):
+            await until_stopped(SimpleNamespace(local=local), call)
+
+    async_to_sync(scenario)()
+
+    assert started == []
+    assert inspect.getcoroutinestate(call) == inspect.CORO_CLOSED  # closed, not left to warn "never awaited"
