@@ -54,6 +54,8 @@ class Broadcast:
                 # The caller stopped reading; the run and every other reader go on without it.
                 self.listener = None
         self.hub.deliver(self.thread_id, [event])
+        if self.pending.overflowed:
+            return  # said once, below
         try:
             self.pending.put(event)
         except BacklogFull:

@@ -7,7 +7,9 @@ import uuid
 import pytest
 from channels.layers import get_channel_layer
 
+from runs import broadcast as broadcast_module
 from runs import hub as hub_module
+from runs.broadcast import Broadcast
 from runs.hub import Hub, LocalRun
 
 TIMEOUT = 5
@@ -229,3 +231,24 @@ async def test_inbox_listener_survives_a_receive_error_and_rejoins_its_groups(hu
 
     assert not here.listener.done()
     assert "inbox failed" in caplog.text
+
+
+async def test_a_stalled_channel_layer_is_reported_once_per_run_not_once_per_event(monkeypatch, caplog):
+    stalled = asyncio.Event()
+
+    async def never_returns(self, thread_id: uuid.UUID, events: list) -> None:
+        stalled.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(Hub, "publish_elsewhere", never_returns)
+    monkeypatch.setattr(broadcast_module, "PUBLISH_BACKLOG", 3)
+    broadcast = Broadcast(thread_id=uuid.uuid4(), cumulative=True)
+    broadcast.emit({"event": "message_started", "message_id": "m"})
+    await stalled.wait()  # the first batch is stuck in the layer; the rest wait behind it
+
+    for index in range(50):
+        broadcast.emit({"event": "tool_call", "message_id": "m", "tool_call": {"name": f"lookup-{index}", "args": {}}})
+
+    stalled_reports = [record for record in caplog.records if "not being published" in record.getMessage()]
+    assert len(stalled_reports) == 1
+    broadcast.task.cancel()
