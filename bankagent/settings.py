@@ -1,5 +1,7 @@
 """bankagent settings: everything that differs between machines comes from the environment."""
 
+import logging
+import math
 import os
 import re
 import tempfile
@@ -11,6 +13,32 @@ from django.core.exceptions import ImproperlyConfigured
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
+
+
+def _number(name: str, default: float, *, minimum: float) -> float:
+    """A numeric setting read strictly: a malformed or out-of-range value names itself at start-up instead of
+    being half-parsed (`1e3` read as 13) or failing later."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < minimum:
+        raise ImproperlyConfigured(f"{name} must be a number of at least {minimum:g}, not {raw!r}.")
+    return value
+
+
+def _whole(name: str, default: int, *, minimum: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if raw and not raw.isdigit():
+        raise ImproperlyConfigured(f"{name} must be a whole number of at least {minimum}, not {raw!r}.")
+    value = int(raw) if raw else default
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name} must be a whole number of at least {minimum}, not {raw!r}.")
+    return value
+
 
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
 
@@ -90,20 +118,20 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"]["OPTIONS"] = {
         **DATABASES["default"].get("OPTIONS", {}),
         "pool": {
-            "min_size": env.int("DATABASE_POOL_MIN", default=2),
-            "max_size": env.int("DATABASE_POOL_MAX", default=20),
-            "timeout": env.float("DATABASE_POOL_TIMEOUT", default=10),
+            "min_size": _whole("DATABASE_POOL_MIN", 2, minimum=0),
+            "max_size": _whole("DATABASE_POOL_MAX", 20, minimum=1),
+            "timeout": _number("DATABASE_POOL_TIMEOUT", 10, minimum=0.1),
         },
     }
 # Threads for database work outside requests (runs in the background, websockets): one a pooled connection.
-DATABASE_THREADS = env.int("DATABASE_POOL_MAX", default=20)
+DATABASE_THREADS = _whole("DATABASE_POOL_MAX", 20, minimum=1)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Concurrent writers wait their turn: WAL lets readers go on beside the writer, IMMEDIATE takes the write
     # lock when a transaction begins (a read lock upgraded later would fail at once rather than wait), and the
     # busy timeout is how long a writer waits before the request answers 503 database_busy.
     DATABASES["default"]["OPTIONS"] = {
         "transaction_mode": "IMMEDIATE",
-        "timeout": env.float("SQLITE_BUSY_TIMEOUT", default=20),
+        "timeout": _number("SQLITE_BUSY_TIMEOUT", 20, minimum=0),
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL",
     }
     # Tests get a database file, not Django's shared in-memory one: it locks as production's file does (writers
@@ -170,27 +198,27 @@ CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 
 # Agents
 AGENT_MODEL = env.str("AGENT_MODEL", default="demo")
-DEMO_MODEL_DELAY_MS = env.int("DEMO_MODEL_DELAY_MS", default=25)
+DEMO_MODEL_DELAY_MS = _whole("DEMO_MODEL_DELAY_MS", 25, minimum=0)
 # How many earlier exchanges of a thread the model sees.
-AGENT_HISTORY_TURNS = env.int("AGENT_HISTORY_TURNS", default=20)
+AGENT_HISTORY_TURNS = _whole("AGENT_HISTORY_TURNS", 20, minimum=0)
 # A run holds its thread for this long past its last renewal (it renews every third of it); a run whose process
 # died is marked interrupted once it lapses. A streamed answer is checkpointed this often while it grows.
-RUN_LEASE_SECONDS = env.float("RUN_LEASE_SECONDS", default=30)
-RUN_CHECKPOINT_SECONDS = env.float("RUN_CHECKPOINT_SECONDS", default=2)
+RUN_LEASE_SECONDS = _number("RUN_LEASE_SECONDS", 30, minimum=1)
+RUN_CHECKPOINT_SECONDS = _number("RUN_CHECKPOINT_SECONDS", 2, minimum=0.1)
 # Runs one process serves at once; past it a new run is refused with 503 `overloaded`. Of those, how many models
 # answer at once: the others wait their turn, accepted and saved.
-RUN_CONCURRENCY = env.int("RUN_CONCURRENCY", default=1000)
-RUN_MODEL_CONCURRENCY = env.int("RUN_MODEL_CONCURRENCY", default=100)
+RUN_CONCURRENCY = _whole("RUN_CONCURRENCY", 1000, minimum=1)
+RUN_MODEL_CONCURRENCY = _whole("RUN_MODEL_CONCURRENCY", 100, minimum=1)
 # Streamed chunks arriving within this window are validated once, as one delta (0: validate every chunk).
-STREAM_DEBOUNCE_MS = env.float("STREAM_DEBOUNCE_MS", default=10)
+STREAM_DEBOUNCE_MS = _number("STREAM_DEBOUNCE_MS", 10, minimum=0)
 # Events a reader may fall behind by (deltas merge while they wait) before it is dropped.
-STREAM_BACKLOG_EVENTS = env.int("STREAM_BACKLOG_EVENTS", default=500)
+STREAM_BACKLOG_EVENTS = _whole("STREAM_BACKLOG_EVENTS", 500, minimum=1)
 WS_TICKET_SECONDS = 60
 # A revoked key keeps working for at most this long in a process that verified it lately.
-API_KEY_CACHE_SECONDS = env.float("API_KEY_CACHE_SECONDS", default=5)
+API_KEY_CACHE_SECONDS = _number("API_KEY_CACHE_SECONDS", 5, minimum=0)
 
 
-_RATE = re.compile(r"\d+/(s|sec|second|m|min|minute|h|hour|d|day)")
+_RATE = re.compile(r"[1-9]\d*/(s|sec|second|m|min|minute|h|hour|d|day)")
 
 
 def _throttle_rates(spec: str) -> dict[str, str]:
@@ -198,14 +226,15 @@ def _throttle_rates(spec: str) -> dict[str, str]:
     if spec.strip().lower() == "off":
         return {}
     try:
-        rates = dict(item.strip().split("=", 1) for item in spec.split(",") if item.strip())
+        pairs = [item.split("=", 1) for item in spec.split(",") if item.strip()]
+        rates = {scope.strip(): rate.strip() for scope, rate in pairs}
     except ValueError as exc:
         raise ImproperlyConfigured(f"THROTTLE_RATES {spec!r} is not scope=rate,...") from exc
     unknown = set(rates) - {"runs_user", "runs_key", "key"}
     if unknown:
         raise ImproperlyConfigured(f"THROTTLE_RATES names unknown scopes: {', '.join(sorted(unknown))}")
     # DRF parses a rate on every request: one it cannot parse would fail them all.
-    malformed = sorted(f"{scope}={rate}" for scope, rate in rates.items() if not _RATE.fullmatch(rate.strip()))
+    malformed = sorted(f"{scope}={rate}" for scope, rate in rates.items() if not _RATE.fullmatch(rate))
     if malformed:
         raise ImproperlyConfigured(f"THROTTLE_RATES rates must be N/s, N/min, N/hour or N/day: {', '.join(malformed)}")
     return rates
@@ -255,10 +284,14 @@ SPECTACULAR_SETTINGS = {
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "bankagent.schema.complete_schema"],
 }
 
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").strip().upper()
+if LOG_LEVEL not in logging.getLevelNamesMapping():
+    raise ImproperlyConfigured(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {LOG_LEVEL!r}.")
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
 }

@@ -210,12 +210,16 @@ def test_throttle_rates_without_scope_equals_rate_is_improperly_configured(spec)
         _throttle_rates(spec)
 
 
+def test_throttle_rates_allow_spaces_around_scopes_and_rates():
+    assert _throttle_rates(" runs_user = 30/min , key = 10/s ") == {"runs_user": "30/min", "key": "10/s"}
+
+
 def test_throttle_rates_naming_unknown_scopes_is_improperly_configured_naming_them():
     with pytest.raises(ImproperlyConfigured, match="burst, user"):
         _throttle_rates("runs_user=30/min,user=5/s,burst=10/s")
 
 
-@pytest.mark.parametrize("spec", ["key=lots", "key=30", "key=/min", "key=30/fortnight"])
+@pytest.mark.parametrize("spec", ["key=lots", "key=30", "key=/min", "key=30/fortnight", "key=0/min"])
 def test_throttle_rates_with_a_malformed_rate_is_improperly_configured(spec):
     with pytest.raises(ImproperlyConfigured):
         _throttle_rates(spec)
