@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -64,6 +64,15 @@ def _layer() -> BaseChannelLayer:
     return layer
 
 
+LAYER_TIMEOUT_SECONDS = 5.0
+"""How long a call to the channel layer may take: a Redis that accepts connections but never answers then fails
+the call (a handshake answers service_unavailable) instead of holding it."""
+
+
+async def _within_timeout(call: Awaitable[None]) -> None:
+    await asyncio.wait_for(call, LAYER_TIMEOUT_SECONDS)
+
+
 class Hub:
     def __init__(self) -> None:
         self.inbox: str | None = None
@@ -84,7 +93,7 @@ class Hub:
         self.readers[key].add(reader)
         if first:
             try:
-                await _layer().group_add(thread_group(thread_id), await self._ensure_inbox())
+                await _within_timeout(_layer().group_add(thread_group(thread_id), await self._ensure_inbox()))
             except BaseException:
                 self._forget_reader(key, reader)
                 raise
@@ -121,7 +130,7 @@ class Hub:
     async def publish_elsewhere(self, thread_id: uuid.UUID, events: list[Event]) -> None:
         """Send events to the thread's readers in other processes: one channel-layer message."""
         message = {"type": "run.events", "thread": thread_id.hex, "origin": self.inbox or "", "events": events}
-        await _layer().group_send(thread_group(thread_id), message)
+        await _within_timeout(_layer().group_send(thread_group(thread_id), message))
 
     def _deliver(self, key: str, events: list[Event]) -> None:
         for reader in list(self.readers.get(key, ())):
@@ -132,7 +141,7 @@ class Hub:
     async def listen_for_cancels(self) -> None:
         """Be reachable by cancels from every process; done once, before this process's first run starts."""
         if not self.cancels_joined:
-            await _layer().group_add(CANCELS_GROUP, await self._ensure_inbox())
+            await _within_timeout(_layer().group_add(CANCELS_GROUP, await self._ensure_inbox()))
             self.cancels_joined = True
 
     def register(self, run: LocalRun) -> None:
@@ -153,7 +162,7 @@ class Hub:
         if self._cancel_here(thread_id.hex):
             return
         message = {"type": "run.cancel", "thread": thread_id.hex, "origin": self.inbox or ""}
-        await _layer().group_send(CANCELS_GROUP, message)
+        await _within_timeout(_layer().group_send(CANCELS_GROUP, message))
 
     def _cancel_here(self, key: str) -> bool:
         if run := self.runs.get(key):

@@ -28,6 +28,7 @@ from bankagent.asgi import application
 from identity import tickets
 from identity.models import APIKey
 from identity.services import login_ensure
+from runs import hub as hub_module
 from runs import pipeline
 from runs.hub import hub
 from runs.limits import slots
@@ -763,6 +764,24 @@ async def test_channel_layer_down_at_the_handshake_closes_with_1013_after_servic
     assert accepted
     error = await ws.receive_json_from(timeout=TIMEOUT)
     assert error["event"] == "error" and error["error_type"] == "service_unavailable", error
+    assert await closed_with(ws) == 1013
+    await ws.disconnect()
+
+
+async def test_channel_layer_that_never_answers_at_the_handshake_closes_with_1013_after_service_unavailable(
+    socket, caller, thread, monkeypatch
+):
+    async def never_answers(group: str, channel: str) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(get_channel_layer(), "group_add", never_answers)
+    monkeypatch.setattr(hub_module, "LAYER_TIMEOUT_SECONDS", 0.01)
+    ws = socket(thread_path(thread.pk), caller.headers())
+
+    accepted, _ = await ws.connect(timeout=TIMEOUT)
+    assert accepted
+    error = await ws.receive_json_from(timeout=TIMEOUT)
+    assert (error["event"], error["error_type"]) == ("error", "service_unavailable"), error
     assert await closed_with(ws) == 1013
     await ws.disconnect()
 
