@@ -251,6 +251,15 @@ async def close_code(ws: Socket) -> int:
     return await closed_with(ws)
 
 
+async def refusal(ws: Socket) -> tuple[str, int]:
+    """The error event's code and the close code of a socket refused after its handshake (a dependency down)."""
+    accepted, _ = await ws.connect(timeout=TIMEOUT)  # raises if the consumer fails (a 500, or a 1011 close)
+    assert accepted
+    error = await ws.receive_json_from(timeout=TIMEOUT)
+    assert error["event"] == "error", error
+    return error["error_type"], await closed_with(ws)
+
+
 async def closed_with(ws: Socket) -> int:
     message = await ws.receive_output(timeout=TIMEOUT)
     assert message["type"] == "websocket.close", message
@@ -491,11 +500,7 @@ async def test_ticket_handshake_while_redis_is_down_gets_service_unavailable_the
     redis_cache_down()
     ws = socket(thread_path(thread.pk, ticket))
 
-    accepted, _ = await ws.connect(timeout=TIMEOUT)  # raises if the consumer fails (a 500, or a 1011 close)
-    assert accepted
-    error = await ws.receive_json_from(timeout=TIMEOUT)
-    assert (error["event"], error["error_type"]) == ("error", "service_unavailable"), error
-    assert await closed_with(ws) == 1013
+    assert await refusal(ws) == ("service_unavailable", 1013)
     await ws.disconnect()
 
 
@@ -760,11 +765,7 @@ async def test_channel_layer_down_at_the_handshake_closes_with_1013_after_servic
     monkeypatch.setattr(get_channel_layer(), "group_add", down)
     ws = socket(thread_path(thread.pk), caller.headers())
 
-    accepted, _ = await ws.connect(timeout=TIMEOUT)  # raises if the consumer fails (a 500, or a 1011 close)
-    assert accepted
-    error = await ws.receive_json_from(timeout=TIMEOUT)
-    assert error["event"] == "error" and error["error_type"] == "service_unavailable", error
-    assert await closed_with(ws) == 1013
+    assert await refusal(ws) == ("service_unavailable", 1013)
     await ws.disconnect()
 
 
@@ -778,11 +779,7 @@ async def test_channel_layer_that_never_answers_at_the_handshake_closes_with_101
     monkeypatch.setattr(hub_module, "LAYER_TIMEOUT_SECONDS", 0.01)
     ws = socket(thread_path(thread.pk), caller.headers())
 
-    accepted, _ = await ws.connect(timeout=TIMEOUT)
-    assert accepted
-    error = await ws.receive_json_from(timeout=TIMEOUT)
-    assert (error["event"], error["error_type"]) == ("error", "service_unavailable"), error
-    assert await closed_with(ws) == 1013
+    assert await refusal(ws) == ("service_unavailable", 1013)
     await ws.disconnect()
 
 
@@ -793,11 +790,7 @@ async def test_database_failing_at_the_handshake_gets_database_busy_then_1013(so
     monkeypatch.setattr(consumers, "thread_get_for_user", locked)
     ws = socket(thread_path(thread.pk), caller.headers())
 
-    accepted, _ = await ws.connect(timeout=TIMEOUT)
-    assert accepted
-    error = await ws.receive_json_from(timeout=TIMEOUT)
-    assert (error["event"], error["error_type"]) == ("error", "database_busy"), error
-    assert await closed_with(ws) == 1013
+    assert await refusal(ws) == ("database_busy", 1013)
     await ws.disconnect()
 
 

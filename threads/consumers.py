@@ -82,9 +82,8 @@ class ThreadConsumer(AsyncWebsocketConsumer):
         except Exception as exc:
             # The database or Redis (tickets) failing: the client is told so, as an HTTP client would be.
             error = as_application_error(exc)
-            await self.accept()
-            await self.send(text_data=encode(error_event(error), Dialect.STANDARD))
-            return await self.close(code=CLOSE_TRY_AGAIN_LATER if error.status_code == 503 else CLOSE_INTERNAL_ERROR)
+            code = CLOSE_TRY_AGAIN_LATER if error.status_code == 503 else CLOSE_INTERNAL_ERROR
+            return await self._refuse(code, error)
         spec = AGENTS.get(thread.agent_type)
         self.backlog = Backlog(cumulative=spec is None or spec.structured, max_events=settings.STREAM_BACKLOG_EVENTS)
         self.dialect = Dialect(principal.events)
@@ -92,17 +91,20 @@ class ThreadConsumer(AsyncWebsocketConsumer):
             await hub().watch(thread.pk, self)
         except Exception:
             logger.warning("Refusing a socket on thread %s: the channel layer is down", thread.pk, exc_info=True)
-            await self.accept()
-            await self.send(text_data=encode(error_event(ServiceUnavailable()), self.dialect))
-            return await self.close(code=CLOSE_TRY_AGAIN_LATER)
+            return await self._refuse(CLOSE_TRY_AGAIN_LATER, ServiceUnavailable())
         self.thread, self.principal = thread, principal
         await self.accept()
         self.writer = asyncio.create_task(self._write())
         self.writer.add_done_callback(self._writer_done)
 
-    async def _refuse(self, code: int) -> None:
-        # A close code reaches the client only after the handshake is accepted.
+    async def _refuse(self, code: int, error: APIException | None = None) -> None:
+        # A close code, and the error event before it, reach the client only after the handshake is accepted.
         await self.accept()
+        await self._close_with(code, error)
+
+    async def _close_with(self, code: int, error: APIException | None = None) -> None:
+        if error is not None:
+            await self.send(text_data=encode(error_event(error), Dialect.STANDARD))
         await self.close(code=code)
 
     async def disconnect(self, code: int) -> None:
@@ -172,8 +174,7 @@ class ThreadConsumer(AsyncWebsocketConsumer):
         assert self.thread is not None and self.principal is not None
         if self.principal.api_key_id is not None and not await key_still_usable(self.principal.api_key_id):
             # Revoked or expired since the handshake: the socket ends as a handshake with that key would.
-            await self.send(text_data=encode(error_event(AuthenticationFailed()), Dialect.STANDARD))
-            return await self.close(code=CLOSE_UNAUTHORIZED)
+            return await self._close_with(CLOSE_UNAUTHORIZED, AuthenticationFailed())
         if throttling_on():
             await db(check_run_throttles)(self.principal)
         # The run answers through the thread's readers, this socket included.
