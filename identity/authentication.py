@@ -55,6 +55,18 @@ class KeyGrant:
     events: str
     expiry: datetime | None
 
+    @classmethod
+    def of(cls, key: APIKey) -> "KeyGrant":
+        return cls(key_id=key.pk, events=key.events, expiry=key.expiry_date)
+
+    def in_force(self) -> bool:
+        """Expiry is checked on every use; revocation only when the key is looked up again."""
+        return self.expiry is None or self.expiry > timezone.now()
+
+
+def _lately(checked_at: float) -> bool:
+    return time.monotonic() - checked_at < settings.API_KEY_CACHE_SECONDS
+
 
 # Verified keys (and refused ones) by the SHA-256 of the key, never the key itself: verifying costs a query and a
 # hash, so a key is looked up again only after API_KEY_CACHE_SECONDS, which bounds how long a revoked key works.
@@ -68,9 +80,7 @@ def _digest(raw: str) -> str:
 
 def _fresh(digest: str) -> tuple[float, KeyGrant | None] | None:
     entry = _recent.get(digest)
-    if entry is None or time.monotonic() - entry[0] >= settings.API_KEY_CACHE_SECONDS:
-        return None
-    return entry
+    return entry if entry is not None and _lately(entry[0]) else None
 
 
 def key_grant(raw: str | None) -> KeyGrant | None:
@@ -84,16 +94,14 @@ def key_grant(raw: str | None) -> KeyGrant | None:
         _recent[digest] = _recent.pop(digest, entry)  # the least recently used go first
     else:
         key = api_key_from(raw)
-        grant = None if key is None else KeyGrant(key_id=key.pk, events=key.events, expiry=key.expiry_date)
+        grant = None if key is None else KeyGrant.of(key)
         _recent.pop(digest, None)
         if len(_recent) >= _RECENT_MAX:
             # A flood of unknown keys cannot flush the keys in use.
             for stale in list(itertools.islice(_recent, _RECENT_MAX // 10)):
                 _recent.pop(stale, None)
         _recent[digest] = (time.monotonic(), grant)
-    if grant is not None and grant.expiry is not None and grant.expiry <= timezone.now():
-        return None
-    return grant
+    return grant if grant is not None and grant.in_force() else None
 
 
 def credentials_cached(request: Request) -> bool:
@@ -157,21 +165,21 @@ def _usable_key(api_key_id: str | None) -> APIKey | None:
     return _unexpired(APIKey.objects.get_usable_keys().filter(pk=api_key_id).first())
 
 
-# Keys of open sockets found usable, by id: when, and until when they are.
-_open_keys: dict[str, tuple[float, datetime | None]] = {}
+# Keys of open sockets found usable, by id, and when.
+_open_keys: dict[str, tuple[float, KeyGrant]] = {}
 
 
 async def key_still_usable(api_key_id: str) -> bool:
     """Whether a socket's key may still start runs: a revoked key stops within API_KEY_CACHE_SECONDS, an
     expired one at once, as over HTTP."""
     entry = _open_keys.get(api_key_id)
-    if entry is None or time.monotonic() - entry[0] >= settings.API_KEY_CACHE_SECONDS:
+    if entry is None or not _lately(entry[0]):
         key = await db(_usable_key)(api_key_id)
         if key is None:
             _open_keys.pop(api_key_id, None)
             return False
-        entry = _open_keys[api_key_id] = (time.monotonic(), key.expiry_date)
-    return entry[1] is None or entry[1] > timezone.now()
+        entry = _open_keys[api_key_id] = (time.monotonic(), KeyGrant.of(key))
+    return entry[1].in_force()
 
 
 async def authenticate_socket(scope: dict, thread_id: uuid.UUID) -> Principal | None:
