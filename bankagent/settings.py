@@ -32,12 +32,11 @@ def _number(name: str, default: float, *, minimum: float) -> float:
 
 def _whole(name: str, default: int, *, minimum: int) -> int:
     raw = os.environ.get(name, "").strip()
-    if raw and not raw.isdigit():
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < minimum:
         raise ImproperlyConfigured(f"{name} must be a whole number of at least {minimum}, not {raw!r}.")
-    value = int(raw) if raw else default
-    if value < minimum:
-        raise ImproperlyConfigured(f"{name} must be a whole number of at least {minimum}, not {raw!r}.")
-    return value
+    return int(raw)
 
 
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
@@ -111,6 +110,8 @@ TEMPLATES = [
 ]
 
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+# Threads for database work outside requests (runs in the background, websockets): one a pooled connection.
+DATABASE_THREADS = _whole("DATABASE_POOL_MAX", 20, minimum=1)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # A pool per process: connections are reused across requests and worker threads, and (health checks on)
     # each is checked before it is handed out, so one PostgreSQL dropped is replaced rather than given out.
@@ -119,12 +120,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         **DATABASES["default"].get("OPTIONS", {}),
         "pool": {
             "min_size": _whole("DATABASE_POOL_MIN", 2, minimum=0),
-            "max_size": _whole("DATABASE_POOL_MAX", 20, minimum=1),
+            "max_size": DATABASE_THREADS,
             "timeout": _number("DATABASE_POOL_TIMEOUT", 10, minimum=0.1),
         },
     }
-# Threads for database work outside requests (runs in the background, websockets): one a pooled connection.
-DATABASE_THREADS = _whole("DATABASE_POOL_MAX", 20, minimum=1)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Concurrent writers wait their turn: WAL lets readers go on beside the writer, IMMEDIATE takes the write
     # lock when a transaction begins (a read lock upgraded later would fail at once rather than wait), and the
