@@ -118,11 +118,6 @@ class Hub:
         del self.readers[key]
         return True
 
-    async def publish(self, thread_id: uuid.UUID, events: list[Event]) -> None:
-        """Deliver a batch of a run's events to every reader of its thread, here and in other processes."""
-        self.deliver(thread_id, events)
-        await self.publish_elsewhere(thread_id, events)
-
     def deliver(self, thread_id: uuid.UUID, events: list[Event]) -> None:
         """Hand events to the thread's readers in this process."""
         self._deliver(thread_id.hex, events)

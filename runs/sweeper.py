@@ -4,16 +4,14 @@ reads again. Every server process that has started a run sweeps (the update is i
 import asyncio
 import contextvars
 import logging
-import weakref
 
 from django.conf import settings
 
 from bankagent.db import db, serve_outside_requests
+from runs.loops import per_loop
 from runs.services import runs_interrupt
 
 logger = logging.getLogger(__name__)
-
-_sweepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task] = weakref.WeakKeyDictionary()
 
 
 async def sweep_forever() -> None:
@@ -27,9 +25,19 @@ async def sweep_forever() -> None:
             logger.warning("The sweep of interrupted answers failed; it runs again later", exc_info=True)
 
 
+class Sweep:
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+
+    def ensure(self) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(sweep_forever(), context=contextvars.Context())
+
+
+sweep = per_loop(Sweep)
+"""The sweep of the running event loop (one per server process)."""
+
+
 def ensure_sweeper() -> None:
     """Start this event loop's sweep, once."""
-    loop = asyncio.get_running_loop()
-    task = _sweepers.get(loop)
-    if task is None or task.done():
-        _sweepers[loop] = asyncio.create_task(sweep_forever(), context=contextvars.Context())
+    sweep().ensure()

@@ -75,6 +75,12 @@ async def stops(stopped: asyncio.Event) -> None:
         await stopped.wait()
 
 
+async def publish(hub: Hub, thread_id: uuid.UUID, events: list[dict]) -> None:
+    """A batch of a run's events, as its broadcast hands them on: to readers here, then to other processes."""
+    hub.deliver(thread_id, events)
+    await hub.publish_elsewhere(thread_id, events)
+
+
 def delta(text: str) -> dict:
     return {"event": "text_delta", "message_id": "m", "token": text}
 
@@ -87,13 +93,13 @@ async def test_events_published_in_one_process_reach_the_threads_readers_everywh
     await there.watch(thread_id, remote)
     await there.watch(other_thread_id, elsewhere)
 
-    await here.publish(thread_id, [delta("a")])
-    await here.publish(thread_id, [delta("b"), {"event": "done"}])
+    await publish(here, thread_id, [delta("a")])
+    await publish(here, thread_id, [delta("b"), {"event": "done"}])
     await remote.until({"event": "done"})
     # Markers sent the other way: each reaches its reader after anything still on its way to that reader.
-    await there.publish(thread_id, [{"event": "marker-from-there"}])
+    await publish(there, thread_id, [{"event": "marker-from-there"}])
     await local.until({"event": "marker-from-there"})
-    await here.publish(other_thread_id, [{"event": "marker-from-here"}])
+    await publish(here, other_thread_id, [{"event": "marker-from-here"}])
     await elsewhere.until({"event": "marker-from-here"})
 
     sent = [[delta("a")], [delta("b"), {"event": "done"}]]
@@ -110,7 +116,7 @@ async def test_a_reader_that_left_gets_nothing_more(hubs):
     await there.watch(thread_id, staying)
 
     await there.unwatch(thread_id, leaving)
-    await here.publish(thread_id, [{"event": "done"}])
+    await publish(here, thread_id, [{"event": "done"}])
     await staying.until({"event": "done"})
 
     assert leaving.batches == []
@@ -148,7 +154,7 @@ async def cancel_arriving_while_the_run_starts(here: Hub, there: Hub, thread_id:
     await here.watch(thread_id, reader)
     await there.cancel(thread_id)
     # The inbox hands messages on in order: once this one is delivered, the cancel has been handled.
-    await there.publish(thread_id, [{"event": "after-the-cancel"}])
+    await publish(there, thread_id, [{"event": "after-the-cancel"}])
     await reader.until({"event": "after-the-cancel"})
 
 
@@ -222,7 +228,7 @@ async def test_inbox_listener_survives_a_receive_error_and_rejoins_its_groups(hu
         await failed.wait()
         await listening_again.wait()  # messages sent while the inbox was away are lost, as they would be
 
-    await there.publish(thread_id, [{"event": "done"}])
+    await publish(there, thread_id, [{"event": "done"}])
     await reader.until({"event": "done"})
     run, stopped = stoppable(thread_id, received_at=clock.now)
     here.register(run)
