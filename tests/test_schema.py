@@ -32,6 +32,13 @@ BODY = {
     "422": {"validation_error"},
 }
 CSRF = {"403": {"csrf_failed"}}
+RUN_START = {
+    "400": {"invalid_text"},
+    "404": {"not_found"},
+    "409": {"thread_busy"},
+    "422": {"query_too_long"},
+    "503": {"overloaded", "model_not_configured"},
+}
 EXPECTED_ERRORS = {
     "threads_list": [CALL, {"400": {"invalid_limit", "invalid_cursor"}, "422": {"unknown_agent_type"}}],
     "threads_create": [CALL, BODY, CSRF, {"400": {"invalid_text"}, "422": {"unknown_agent_type"}}],
@@ -40,32 +47,15 @@ EXPECTED_ERRORS = {
     "threads_delete": [CALL, CSRF, {"404": {"not_found"}}],
     "threads_messages": [CALL, {"400": {"invalid_limit", "invalid_cursor"}, "404": {"not_found"}}],
     "agents_list": [CALL],
+    # A blocking query answers the model's failures too; a stream reports them as events.
     "agent_query": [
         CALL,
         BODY,
         CSRF,
-        {
-            "400": {"invalid_text"},
-            "404": {"not_found"},
-            "409": {"thread_busy"},
-            "422": {"query_too_long"},
-            "502": {"model_error"},
-            "503": {"overloaded", "model_not_configured", "model_unavailable", "run_interrupted"},
-            "504": {"model_timeout"},
-        },
+        RUN_START,
+        {"502": {"model_error"}, "503": {"model_unavailable", "run_interrupted"}, "504": {"model_timeout"}},
     ],
-    "agent_stream": [
-        CALL,
-        BODY,
-        CSRF,
-        {
-            "400": {"invalid_text"},
-            "404": {"not_found"},
-            "409": {"thread_busy"},
-            "422": {"query_too_long"},
-            "503": {"overloaded", "model_not_configured"},
-        },
-    ],
+    "agent_stream": [CALL, BODY, CSRF, RUN_START],
     "ws_ticket_create": [CALL, BODY, {"404": {"not_found"}, "503": {"service_unavailable"}}],
     "health": [{"400": {"bad_host"}}],
 }
