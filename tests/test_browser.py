@@ -12,7 +12,6 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from io import StringIO
 from itertools import pairwise
-from pathlib import Path
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -21,7 +20,7 @@ from django.db import connection
 
 from agents.demo_script import POEM
 from tests.conftest import finished_turn
-from tests.test_fanout_processes import free_port, wait_healthy
+from tests.live import ROOT, LiveServer, server_env
 from threads.models import Message, Thread
 
 try:
@@ -29,7 +28,6 @@ try:
 except ImportError:  # reported by _unavailable
     async_playwright = expect = None
 
-ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "test-output"
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -66,48 +64,19 @@ def _browser_available() -> None:
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-class LiveServer:
-    """The service as production runs it (`python -m bankagent.serve`), one worker on the test database; stopped and
-    started again on the same port to drop sockets."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env, self.log = env, log
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        command = [sys.executable, "-m", "bankagent.serve", "--port", str(self.port), "--workers", "1"]
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        wait_healthy(self.port, self.process)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
-
-
 @pytest.fixture(scope="module")
 def service(_browser_available, django_db_setup, tmp_path_factory) -> Iterator[LiveServer]:
     folder = tmp_path_factory.mktemp("live")
-    db = connection.settings_dict
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
-        "DJANGO_SECRET_KEY": "browser-test-secret",
-        "DJANGO_DEBUG": "off",
-        "DJANGO_SECURE_COOKIES": "off",  # plain http on 127.0.0.1
-        "DJANGO_STATIC_ROOT": str(folder / "static"),
-        "AGENT_MODEL": "demo",
-        "DEMO_MODEL_DELAY_MS": "25",
-    }
-    env.pop("REDIS_URL", None)  # one process: the in-memory channel layer is enough
+    env = server_env(
+        DJANGO_SECRET_KEY="browser-test-secret",
+        DJANGO_SECURE_COOKIES="off",  # plain http on 127.0.0.1
+        DJANGO_STATIC_ROOT=str(folder / "static"),
+        DEMO_MODEL_DELAY_MS="25",
+    )
     collect = [sys.executable, "manage.py", "collectstatic", "--noinput", "-v", "0"]
     subprocess.run(collect, cwd=ROOT, env=env, check=True)
-    server = LiveServer(env, folder / "server.log")
-    server.start()
+    server = LiveServer("granian", env, folder / "server.log")
+    server.start(healthy=True)
     try:
         yield server
     finally:
@@ -292,7 +261,7 @@ async def test_dropped_socket_reconnects_and_reloads_the_thread(page, service, d
     await expect(page.get_by_role("status")).to_contain_text("Connection lost")
     # While this page is away, an answer lands on the thread from elsewhere.
     await sync_to_async(_finished_turn)(thread, "Sent from my phone", "Answered while you were away.")
-    await sync_to_async(service.start)()
+    await sync_to_async(service.start)(healthy=True)
 
     await expect(page.get_by_role("status")).to_have_text("", timeout=20_000)
     await expect(page.locator(".message.user")).to_have_text(["Sent from my phone"])

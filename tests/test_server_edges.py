@@ -7,17 +7,12 @@ down, and a process killed while it writes an answer.
 
 import asyncio
 import contextlib
-import http.client
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,11 +23,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as connect_sync
 
 from agents.demo_script import POEM
-from identity.models import APIKey
-from tests.test_fanout_processes import ROOT, SERVERS, free_port, server_command
+from tests.conftest import Caller
+from tests.live import SERVERS, TIMEOUT, LiveServer, free_port, request, server_env
 from threads.models import Message, Thread
 
-TIMEOUT = 10  # seconds for any one answer or event
 LAPSE_TIMEOUT = 30  # seconds for a killed run's lease to lapse and be seen as interrupted
 # Where daphne falls short of the contract; each is within bankagent's reach (a small shim of daphne's protocol).
 DAPHNE_DROPS_LARGE_FRAMES = pytest.mark.xfail(
@@ -56,84 +50,8 @@ pytestmark = [
 ]
 
 
-class LiveServer:
-    """One server process on the test database, in a process group of its own: a kill reaches granian's worker too
-    (killed alone, granian's main process leaves its worker serving)."""
-
-    def __init__(self, kind: str, env: dict[str, str], log: Path) -> None:
-        self.kind, self.env, self.log = kind, env, log
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        """Start it, and wait until it answers (whatever its health)."""
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                server_command(self.kind, self.port),
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 30
-        while self.process.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                request(self, "GET", "/api/v1/health")
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.kind} did not start: {self.log_tail()}")
-
-    def signal(self, signum: int) -> None:
-        assert self.process is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signum)
-
-    def kill(self) -> None:
-        """SIGKILL, as an out-of-memory kill or a lost machine would stop it: nothing runs on."""
-        assert self.process is not None
-        self.signal(signal.SIGKILL)
-        self.process.wait(timeout=TIMEOUT)
-        self.process = None
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            self.process.wait(timeout=TIMEOUT)
-        self.signal(signal.SIGKILL)  # whatever of the group outlived its leader
-        self.process = None
-
-    def log_tail(self) -> str:
-        """The end of its output, for a failure's message."""
-        return self.log.read_text(errors="replace")[-3000:]
-
-    def ws_url(self, thread: Thread) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws/v1/threads/{thread.pk}/"
-
-
-def server_env(**overrides: str) -> dict[str, str]:
-    db = connection.settings_dict
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
-        "DJANGO_SECRET_KEY": "server-edges-test",
-        "DJANGO_DEBUG": "off",
-        "AGENT_MODEL": "demo",
-        "DEMO_MODEL_DELAY_MS": "0",
-        "THROTTLE_RATES": "off",
-        "LOG_LEVEL": "WARNING",
-    }
-    env.pop("REDIS_URL", None)  # one process: the in-memory channel layer, unless a test names one
-    return env | overrides
-
-
 def live_server(request: pytest.FixtureRequest, folder: Path, **overrides: str) -> Iterator[LiveServer]:
-    server = LiveServer(request.param, server_env(**overrides), folder / f"{request.param}.log")
+    server = LiveServer(request.param, server_env(DJANGO_SECRET_KEY="server-edges-test", **overrides), folder / "log")
     server.start()
     try:
         yield server
@@ -161,39 +79,9 @@ def crashing_server(request, tmp_path) -> Iterator[LiveServer]:
     )
 
 
-@dataclass(frozen=True)
-class Caller:
-    key: str
-    user_id: uuid.UUID
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"X-API-Key": self.key, "X-User-ID": str(self.user_id)}
-
-
-@pytest.fixture
-def caller(transactional_db) -> Caller:
-    _, key = APIKey.objects.create_key(name="live")
-    return Caller(key=key, user_id=uuid.uuid4())
-
-
 @pytest.fixture
 def thread(caller) -> Thread:
     return Thread.objects.create(user_id=caller.user_id, agent_type="general_chat")
-
-
-def request(
-    server: LiveServer, method: str, path: str, headers: dict[str, str] | None = None, body: object = None
-) -> http.client.HTTPResponse:
-    """One request on a connection of its own; the response is read whole."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)
-    payload = None if body is None else json.dumps(body).encode()
-    all_headers = {"Content-Type": "application/json"} if payload else {}
-    conn.request(method, path, body=payload, headers=all_headers | (headers or {}))
-    response = conn.getresponse()
-    response.body = response.read()
-    conn.close()
-    return response
 
 
 def servers_param(*daphne_marks: pytest.MarkDecorator) -> list:
@@ -221,7 +109,7 @@ def test_head_sends_headers_only_and_the_next_response_on_the_connection_is_inta
         Thread.objects.create(
             user_id=caller.user_id, agent_type="general_chat", metadata={"more": "m" * 2_000 * number}
         )
-    listing = request(server, "GET", "/api/v1/threads", caller.headers)
+    listing = request(server.port, "GET", "/api/v1/threads", caller.headers)
     assert listing.status == 200 and len(listing.body) > 65_536  # past the first 64 KiB chunk of the ASGI handler
 
     with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as conn:
@@ -300,7 +188,7 @@ async def test_frame_over_1_mib_closes_the_socket_with_1009(server, caller, thre
 
 @pytest.mark.parametrize("server", servers_param(DAPHNE_HAS_NO_422_PHRASE), indirect=True)
 def test_422_has_the_standard_reason_phrase(server, caller):
-    response = request(server, "POST", "/api/v1/threads", caller.headers, {"agent_type": "no-such-agent"})
+    response = request(server.port, "POST", "/api/v1/threads", caller.headers, {"agent_type": "no-such-agent"})
 
     assert response.status == 422
     assert json.loads(response.body)["error"]["code"] == "unknown_agent_type"
@@ -342,9 +230,9 @@ async def test_channel_layer_down_at_handshake_is_503_or_service_unavailable_the
 def test_channel_layer_down_is_503_on_health_and_a_blocking_query_is_still_answered(
     server_without_redis, caller, thread
 ):
-    health = request(server_without_redis, "GET", "/api/v1/health")
+    health = request(server_without_redis.port, "GET", "/api/v1/health")
     query = {"thread_id": str(thread.pk), "query": "Hello"}
-    answer = request(server_without_redis, "POST", "/api/v1/agent/query", caller.headers, query)
+    answer = request(server_without_redis.port, "POST", "/api/v1/agent/query", caller.headers, query)
 
     checks = json.loads(health.body)
     assert health.status == 503
@@ -387,14 +275,14 @@ def test_answer_of_a_killed_process_is_failed_run_interrupted_with_its_checkpoin
     crashing_server.start()
 
     def interrupted() -> dict | None:
-        response = request(crashing_server, "GET", f"/api/v1/threads/{thread.pk}", caller.headers)
+        response = request(crashing_server.port, "GET", f"/api/v1/threads/{thread.pk}", caller.headers)
         assert response.status == 200, (response.body, crashing_server.log_tail())
         latest = json.loads(response.body)["messages"][-1]
         return latest if latest["status"] != "in_progress" else None
 
     shown = poll(interrupted, LAPSE_TIMEOUT)
     query = {"thread_id": str(thread.pk), "query": "Hello"}
-    again = request(crashing_server, "POST", "/api/v1/agent/query", caller.headers, query)
+    again = request(crashing_server.port, "POST", "/api/v1/agent/query", caller.headers, query)
 
     assert shown["id"] == str(answer.pk)
     assert (shown["status"], shown["metadata"]["error"]["code"]) == ("failed", "run_interrupted")
