@@ -1,9 +1,13 @@
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 from asgiref.sync import SyncToAsync
 from django.db import connections
-from django.test import override_settings
+from django.db.models.signals import pre_save
+from django.http import HttpResponse
+from django.test import Client, override_settings
 from pydantic_ai import models
 from pydantic_ai.models.function import FunctionModel
 from rest_framework.test import APIClient
@@ -174,3 +178,37 @@ def use_model(settings):
         return settings.AGENT_MODEL
 
     return use
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An API key holder acting for an end user, as a live server's clients are."""
+
+    key: str
+    user_id: uuid.UUID
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-API-Key": self.key, "X-User-ID": str(self.user_id)}
+
+
+@pytest.fixture
+def caller(transactional_db) -> Caller:
+    _, key = APIKey.objects.create_key(name="live")
+    return Caller(key=key, user_id=uuid.uuid4())
+
+
+def admin_rename(staff: Client, thread: Thread, title: str, *, meanwhile: Callable[[], object]) -> HttpResponse:
+    """Rename the thread on its admin page, with `meanwhile` run after the admin read the thread, before it saves."""
+    ran = []
+
+    def run_meanwhile(sender: type, instance: Thread, **kwargs: object) -> None:
+        if instance.pk == thread.pk and not ran:
+            ran.append(meanwhile())
+
+    pre_save.connect(run_meanwhile, sender=Thread)
+    try:
+        form = {"title": title, "metadata": "{}", "messages-TOTAL_FORMS": 0, "messages-INITIAL_FORMS": 0}
+        return staff.post(f"/admin/threads/thread/{thread.pk}/change/", form)
+    finally:
+        pre_save.disconnect(run_meanwhile, sender=Thread)

@@ -8,6 +8,7 @@ from django.utils import timezone
 
 from bank.models import DEMO_USER_ID, Customer
 from identity.models import APIKey
+from tests.conftest import admin_rename, finished_turn
 from threads.models import Message, Thread
 
 
@@ -178,3 +179,19 @@ def test_customer_change_page_shows_the_demo_customer_with_cards_and_transaction
     assert "1123.45" in content
     assert "4242" in content
     assert "Corner Coffee" in content
+
+
+def test_saving_a_thread_in_the_admin_writes_only_what_it_edits_not_the_turns_a_run_took_meanwhile(
+    admin_client, make_thread
+):
+    thread = make_thread(title="Before")
+
+    saved = admin_rename(
+        admin_client, thread, "After", meanwhile=lambda: finished_turn(thread, query="Asked meanwhile")
+    )
+
+    assert saved.status_code == 302
+    thread.refresh_from_db()
+    assert (thread.title, thread.last_seq) == ("After", 2)
+    finished_turn(thread, query="And the next question")  # numbered after the run, as the database has it
+    assert list(Message.objects.filter(thread=thread).values_list("seq", flat=True)) == [1, 2, 3, 4]

@@ -45,6 +45,13 @@ class ThreadAdmin(admin.ModelAdmin):
     fields = ["id", "user_id", "agent_type", "title", "metadata", "last_seq", "created_at", "updated_at"]
     inlines = [MessageInline]
 
+    def save_model(self, request, obj: Thread, form, change: bool) -> None:
+        if not change:
+            return super().save_model(request, obj, form, change)
+        # Only what the form edited: a whole-row save would write back the turn counter a run moved meanwhile.
+        if form.changed_data:
+            obj.save(update_fields=[*form.changed_data, "updated_at"])
+
 
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
