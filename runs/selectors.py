@@ -1,23 +1,53 @@
 """The run's reads."""
 
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 from itertools import chain
 
+from django.db.models import Q
 from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
 
+from bankagent.jsontypes import JSONObject
 from threads.models import Message
 
 
-def thread_history(*, thread_id: uuid.UUID, turns: int) -> list[ModelMessage]:
-    """The model's view of the last `turns` finished exchanges, tool calls included, in one query."""
-    stored = (
-        Message.objects.filter(
-            thread_id=thread_id,
-            role=Message.Role.ASSISTANT,
-            status=Message.Status.COMPLETE,
-            model_messages__isnull=False,
+@dataclass(frozen=True)
+class Running:
+    """The answer a run is writing on a thread: its lease."""
+
+    message_id: uuid.UUID
+    lease_expires_at: datetime | None
+    metadata: JSONObject
+
+    def lapsed(self, now: datetime) -> bool:
+        return self.lease_expires_at is not None and self.lease_expires_at <= now
+
+
+@dataclass(frozen=True)
+class ThreadState:
+    """What a run begins on: the run holding the thread, if any, and the model's view of the thread."""
+
+    running: Running | None
+    history: list[ModelMessage]
+
+
+def thread_state(*, thread_id: uuid.UUID, turns: int) -> ThreadState:
+    """The answer in progress on the thread, and the last `turns` finished exchanges (tool calls included), in one
+    query. An answer in progress is the thread's latest: no run begins while one holds the thread."""
+    rows = list(
+        Message.objects.filter(thread_id=thread_id)
+        .filter(
+            Q(status=Message.Status.IN_PROGRESS)
+            | Q(role=Message.Role.ASSISTANT, status=Message.Status.COMPLETE, model_messages__isnull=False)
         )
         .order_by("-seq")
-        .values_list("model_messages", flat=True)[:turns]
+        .values_list("pk", "status", "lease_expires_at", "metadata", "model_messages")[: turns + 1]
     )
-    return ModelMessagesTypeAdapter.validate_python(list(chain.from_iterable(reversed(list(stored)))))
+    running = None
+    if rows and rows[0][1] == Message.Status.IN_PROGRESS:
+        message_id, _, lease_expires_at, metadata, _ = rows.pop(0)
+        running = Running(message_id, lease_expires_at, metadata)
+    stored = [row[4] for row in rows[:turns]]
+    history = ModelMessagesTypeAdapter.validate_python(list(chain.from_iterable(reversed(stored))))
+    return ThreadState(running, history)

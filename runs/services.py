@@ -6,17 +6,17 @@ without its finish (its process died) is marked `failed` with `run_interrupted` 
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from django.db import connection, transaction
-from django.db.models import Exists, F, OuterRef
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F
 from django.utils import timezone
 from pydantic_ai.messages import ModelMessage
 
 from bankagent.exceptions import NotFound, ThreadBusy
 from bankagent.jsontypes import JSON, JSONObject
-from runs.selectors import thread_history
-from threads.models import Message, Thread
+from runs.selectors import Running, thread_state
+from threads.models import ONE_RUN_PER_THREAD, Message, Thread
 
 INTERRUPTED: JSONObject = {
     "code": "run_interrupted",
@@ -49,45 +49,51 @@ def run_begin(
     """Take the thread's lease and save the user's query and the assistant message the run will fill.
 
     Both messages are committed before the model runs, so nothing the user said is lost whatever happens to
-    the run. The history is read under the lease, so it holds every run that finished before this one.
+    the run. One run per thread is the database's rule (a unique index on the thread's answer in progress); the
+    thread's row lock only orders the callers, and each statement after it sees what they committed: the history,
+    read with whichever run holds the thread, holds every run that finished before this one.
     Raises NotFound (another user's thread too) or ThreadBusy, writing nothing.
     """
     _commit_without_waiting_for_disk()
     now = timezone.now()
-    in_progress = Message.objects.filter(thread=OuterRef("pk"), status=Message.Status.IN_PROGRESS)
     try:
-        thread = (
-            Thread.objects.select_for_update()
-            .annotate(
-                running=Exists(in_progress.filter(lease_expires_at__gt=now)),
-                lapsed=Exists(in_progress.filter(lease_expires_at__lte=now)),
-            )
-            .get(pk=thread_id, user_id=user_id)
-        )
+        thread = Thread.objects.select_for_update().get(pk=thread_id, user_id=user_id)
     except Thread.DoesNotExist as exc:
         raise NotFound("Thread not found.") from exc
-    if thread.running:
+    state = thread_state(thread_id=thread.pk, turns=history_turns)
+    # A run whose lease lapsed is taken over only if it really is interrupted: one that renewed meanwhile keeps it.
+    if state.running is not None and not (state.running.lapsed(now) and _interrupt(state.running, now)):
         raise ThreadBusy()
-    if thread.lapsed:
-        runs_interrupt(thread_id=thread.pk)
-    history = thread_history(thread_id=thread.pk, turns=history_turns)
-    user_message, assistant_message = Message.objects.bulk_create(
-        [
-            Message(thread=thread, seq=thread.last_seq + 1, role=Message.Role.USER, content=query),
-            Message(
-                thread=thread,
-                seq=thread.last_seq + 2,
-                role=Message.Role.ASSISTANT,
-                status=Message.Status.IN_PROGRESS,
-                lease_expires_at=now + timedelta(seconds=lease_seconds),
-                metadata={"model": model_label},
-            ),
-        ]
-    )
+    try:
+        user_message, assistant_message = Message.objects.bulk_create(
+            [
+                Message(thread=thread, seq=thread.last_seq + 1, role=Message.Role.USER, content=query),
+                Message(
+                    thread=thread,
+                    seq=thread.last_seq + 2,
+                    role=Message.Role.ASSISTANT,
+                    status=Message.Status.IN_PROGRESS,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    metadata={"model": model_label},
+                ),
+            ]
+        )
+    except IntegrityError as exc:
+        if _refused_a_second_run(exc):
+            raise ThreadBusy() from exc
+        raise
     Thread.objects.filter(pk=thread.pk).update(last_seq=F("last_seq") + 2, updated_at=now)
     thread.last_seq, thread.updated_at = thread.last_seq + 2, now
     deps = deps_for(thread.agent_type, user_id)
-    return RunStart(thread, user_message, assistant_message, history, deps)
+    return RunStart(thread, user_message, assistant_message, state.history, deps)
+
+
+def _refused_a_second_run(error: IntegrityError) -> bool:
+    """Whether the database refused the answer because another run holds the thread (not some other rule)."""
+    diagnostics = getattr(error.__cause__, "diag", None)
+    if diagnostics is not None:  # PostgreSQL names the constraint
+        return diagnostics.constraint_name == ONE_RUN_PER_THREAD
+    return str(error).endswith(f"{Message._meta.db_table}.thread_id")  # SQLite names its columns
 
 
 def _commit_without_waiting_for_disk() -> None:
@@ -110,9 +116,12 @@ def runs_renew(
     Returns the runs that no longer hold their message: interrupted meanwhile, or their thread deleted.
     """
     expires = timezone.now() + timedelta(seconds=lease_seconds)
+    # Only the answers' rows, in one order: the default ordering would join (and lock) their threads too, and
+    # a run beginning on one of them locks its thread first and then its answer.
     held = set(
         Message.objects.select_for_update()
         .filter(pk__in=message_ids, status=Message.Status.IN_PROGRESS)
+        .order_by("pk")
         .values_list("pk", flat=True)
     )
     if renewed_only := held - checkpoints.keys():
@@ -159,13 +168,20 @@ def runs_interrupt(*, thread_id: uuid.UUID | None = None) -> int:
 
     Runs when a thread is next read or queried, and periodically for every thread.
     """
-    lapsed = Message.objects.filter(status=Message.Status.IN_PROGRESS, lease_expires_at__lte=timezone.now())
+    now = timezone.now()
+    lapsed = Message.objects.filter(status=Message.Status.IN_PROGRESS, lease_expires_at__lte=now)
     if thread_id is not None:
         lapsed = lapsed.filter(thread_id=thread_id)
-    interrupted = 0
-    for message in lapsed.only("pk", "metadata"):
-        # The lapse is checked again row by row: a run that renewed its lease meanwhile keeps it.
-        interrupted += lapsed.filter(pk=message.pk).update(
-            status=Message.Status.FAILED, lease_expires_at=None, metadata={**message.metadata, "error": INTERRUPTED}
+    rows = lapsed.order_by().values_list("pk", "lease_expires_at", "metadata")
+    return sum(_interrupt(Running(*row), now) for row in rows)
+
+
+def _interrupt(running: Running, now: datetime) -> bool:
+    """Mark the run interrupted if its lease has lapsed still; False when it renewed it meanwhile, or finished."""
+    return bool(
+        Message.objects.filter(
+            pk=running.message_id, status=Message.Status.IN_PROGRESS, lease_expires_at__lte=now
+        ).update(
+            status=Message.Status.FAILED, lease_expires_at=None, metadata={**running.metadata, "error": INTERRUPTED}
         )
-    return interrupted
+    )

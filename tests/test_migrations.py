@@ -18,6 +18,8 @@ from rest_framework_api_key.models import APIKey as StockAPIKey
 
 from bank.models import DEMO_USER_ID, Customer
 from identity.models import APIKey, Profile
+from runs.services import INTERRUPTED
+from threads.models import Message
 
 Migrate = Callable[[list[tuple[str, str | None]]], StateApps]
 BEFORE_THE_MOVES = [("identity", None), ("bank", None)]
@@ -110,3 +112,26 @@ def test_customers_and_profiles_keep_their_rows_and_content_types(migrate):
     assert ContentType.objects.get(app_label="bank", model="customer").pk == customer_type.pk
     assert ContentType.objects.get(app_label="identity", model="profile").pk == profile_type.pk
     assert not ContentType.objects.filter(app_label__in=["agents", "chat"]).exists()
+
+
+def test_two_answers_in_progress_on_a_thread_keep_the_latest_when_the_rule_becomes_the_databases(migrate):
+    old = migrate([("threads", "0003_run_lease_on_message")])
+    OldThread, OldMessage = old.get_model("threads", "Thread"), old.get_model("threads", "Message")
+    thread = OldThread.objects.create(user_id=JANE, agent_type="general_chat", last_seq=4)
+    lease = timezone.now() + timedelta(seconds=30)
+    for seq, role in enumerate(["user", "assistant", "user", "assistant"], 1):
+        status = "in_progress" if role == "assistant" else "complete"
+        OldMessage.objects.create(
+            thread_id=thread.pk, seq=seq, role=role, status=status, lease_expires_at=lease, metadata={"model": "m"}
+        )
+
+    migrate_to_the_end()
+
+    answers = Message.objects.filter(thread_id=thread.pk, role="assistant").order_by("seq")
+    earlier, latest = answers
+    assert (earlier.status, earlier.lease_expires_at, earlier.metadata) == (
+        "failed",
+        None,
+        {"model": "m", "error": INTERRUPTED},
+    )
+    assert (latest.status, latest.lease_expires_at) == ("in_progress", lease)

@@ -6,8 +6,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from django.db import connection
-from django.db.models.signals import post_init
+from django.db import IntegrityError, connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from pydantic_ai.messages import (
@@ -23,7 +22,7 @@ from pydantic_core import to_jsonable_python
 
 import runs.services
 from bankagent.exceptions import NotFound, ThreadBusy
-from runs.selectors import thread_history
+from runs.selectors import Running, ThreadState, thread_state
 from runs.services import (
     INTERRUPTED,
     RunStart,
@@ -228,6 +227,32 @@ def test_run_begin_refuses_a_live_lease_with_thread_busy_and_writes_nothing(make
     assert after == before
 
 
+def test_the_database_refuses_a_second_run_on_a_thread_whatever_the_application_reads(make_thread, monkeypatch):
+    thread = make_thread()
+    running = begin(thread, "first").assistant_message
+    monkeypatch.setattr(runs.services, "thread_state", lambda **kwargs: ThreadState(running=None, history=[]))
+
+    with pytest.raises(ThreadBusy):
+        begin(thread, "second")
+
+    assert list(Message.objects.filter(thread=thread).values_list("seq", "status")) == [
+        (1, "complete"),
+        (2, "in_progress"),
+    ]
+    assert fetch(running).status == "in_progress"
+    assert Thread.objects.get(pk=thread.pk).last_seq == 2
+
+
+def test_a_numbering_conflict_is_not_mistaken_for_a_busy_thread(make_thread):
+    thread = make_thread()
+    begin(thread, "first")
+    Message.objects.filter(thread=thread).update(status="complete", lease_expires_at=None)
+    Thread.objects.filter(pk=thread.pk).update(last_seq=0)  # as a writer outside the run services could leave it
+
+    with pytest.raises(IntegrityError):
+        begin(thread, "second")
+
+
 def test_run_begin_takes_over_a_lapsed_lease_and_marks_the_dead_runs_answer_interrupted_keeping_its_text(
     make_thread,
 ):
@@ -258,11 +283,11 @@ def test_run_begin_reads_the_history_in_the_transaction_that_takes_the_lease(mak
     finish(first, model_messages=exchange("What is my balance?", "$1,123.45"))
     reads = []
 
-    def history_spy(**kwargs: Any) -> list[ModelMessage]:
+    def history_spy(**kwargs: Any) -> ThreadState:
         reads.append(connection.in_atomic_block)
-        return thread_history(**kwargs)
+        return thread_state(**kwargs)
 
-    monkeypatch.setattr(runs.services, "thread_history", history_spy)
+    monkeypatch.setattr(runs.services, "thread_state", history_spy)
 
     with CaptureQueriesContext(connection) as captured:
         start = begin(thread, "And now?")
@@ -470,22 +495,22 @@ def test_runs_interrupt_of_one_thread_leaves_the_others(make_thread):
     assert (fetch(mine).status, fetch(theirs).status) == ("failed", "in_progress")
 
 
-def test_runs_interrupt_does_not_interrupt_a_run_that_renewed_its_lease_after_the_sweep_read_it(make_thread):
+def test_runs_interrupt_does_not_interrupt_a_run_that_renewed_its_lease_after_the_sweep_read_it(
+    make_thread, monkeypatch
+):
     thread = make_thread()
     message = begin(thread).assistant_message
     lapse(message)
     renewed = []
+    interrupt = runs.services._interrupt
 
-    def renew_when_the_sweep_reads_it(sender: type, instance: Message, **kwargs: Any) -> None:
+    def renewed_once_read(running: Running, now: datetime) -> bool:
         # The run's process renews its lease between the sweep's read and its update.
-        if instance.pk == message.pk and not renewed:
-            renewed.append(renew(message.pk))
+        renewed.append(renew(running.message_id))
+        return interrupt(running, now)
 
-    post_init.connect(renew_when_the_sweep_reads_it, sender=Message)
-    try:
-        count = runs_interrupt()
-    finally:
-        post_init.disconnect(renew_when_the_sweep_reads_it, sender=Message)
+    monkeypatch.setattr(runs.services, "_interrupt", renewed_once_read)
+    count = runs_interrupt()
 
     assert renewed == [True]
     assert count == 0
@@ -494,15 +519,15 @@ def test_runs_interrupt_does_not_interrupt_a_run_that_renewed_its_lease_after_th
     assert "error" not in saved.metadata
 
 
-# thread_history
+# thread_state
 
 
-def test_thread_history_replays_finished_exchanges_in_order(make_thread, make_turn):
+def test_thread_state_history_replays_finished_exchanges_in_order(make_thread, make_turn):
     thread = make_thread()
     for prompt in ["one", "two", "three"]:
         turn(make_turn, thread, prompt)
 
-    history = thread_history(thread_id=thread.pk, turns=10)
+    history = thread_state(thread_id=thread.pk, turns=10).history
 
     assert [type(message) for message in history] == [ModelRequest, ModelResponse] * 3
     assert prompts(history) == ["one", "two", "three"]
@@ -513,16 +538,16 @@ def test_thread_history_replays_finished_exchanges_in_order(make_thread, make_tu
     ]
 
 
-def test_thread_history_is_limited_to_the_last_n_turns(make_thread, make_turn):
+def test_thread_state_history_is_limited_to_the_last_n_turns(make_thread, make_turn):
     thread = make_thread()
     for index in range(5):
         turn(make_turn, thread, f"q{index}")
 
-    assert prompts(thread_history(thread_id=thread.pk, turns=2)) == ["q3", "q4"]
-    assert prompts(thread_history(thread_id=thread.pk, turns=1)) == ["q4"]
+    assert prompts(thread_state(thread_id=thread.pk, turns=2).history) == ["q3", "q4"]
+    assert prompts(thread_state(thread_id=thread.pk, turns=1).history) == ["q4"]
 
 
-def test_thread_history_skips_failed_and_unfinished_exchanges(make_thread, make_turn):
+def test_thread_state_history_skips_failed_and_unfinished_exchanges(make_thread, make_turn):
     thread = make_thread()
     turn(make_turn, thread, "kept")
     turn(make_turn, thread, "model failed", status="failed", store_messages=False)
@@ -530,20 +555,20 @@ def test_thread_history_skips_failed_and_unfinished_exchanges(make_thread, make_
     running = begin(thread, "still running").assistant_message
     renew(running.pk, ("partial", None))
 
-    assert prompts(thread_history(thread_id=thread.pk, turns=10)) == ["kept", "also kept"]
+    assert prompts(thread_state(thread_id=thread.pk, turns=10).history) == ["kept", "also kept"]
 
 
-def test_thread_history_skips_failed_and_incomplete_exchanges_even_with_stored_model_messages(make_thread, make_turn):
+def test_thread_state_history_skips_failed_and_incomplete_answers_despite_stored_model_messages(make_thread, make_turn):
     thread = make_thread()
     turn(make_turn, thread, "kept")
     turn(make_turn, thread, "cancelled", status="incomplete")
     turn(make_turn, thread, "failed", status="failed")
     turn(make_turn, thread, "also kept")
 
-    assert prompts(thread_history(thread_id=thread.pk, turns=10)) == ["kept", "also kept"]
+    assert prompts(thread_state(thread_id=thread.pk, turns=10).history) == ["kept", "also kept"]
 
 
-def test_thread_history_counts_turns_among_finished_exchanges_only(make_thread, make_turn):
+def test_thread_state_history_counts_turns_among_finished_exchanges_only(make_thread, make_turn):
     thread = make_thread()
     turn(make_turn, thread, "first")
     turn(make_turn, thread, "second")
@@ -552,10 +577,10 @@ def test_thread_history_counts_turns_among_finished_exchanges_only(make_thread, 
     lapse(interrupted)
     runs_interrupt()
 
-    assert prompts(thread_history(thread_id=thread.pk, turns=2)) == ["first", "second"]
+    assert prompts(thread_state(thread_id=thread.pk, turns=2).history) == ["first", "second"]
 
 
-def test_thread_history_replays_tool_calls_and_returns(make_thread, make_turn):
+def test_thread_state_history_replays_tool_calls_and_returns(make_thread, make_turn):
     thread = make_thread()
     run = [
         ModelRequest(parts=[UserPromptPart(content="What is my balance?")]),
@@ -565,7 +590,7 @@ def test_thread_history_replays_tool_calls_and_returns(make_thread, make_turn):
     ]
     make_turn(thread, query="What is my balance?", model_messages=to_jsonable_python(run))
 
-    history = thread_history(thread_id=thread.pk, turns=5)
+    history = thread_state(thread_id=thread.pk, turns=5).history
 
     call = history[1].parts[0]
     result = history[2].parts[0]
@@ -579,10 +604,10 @@ def test_thread_history_replays_tool_calls_and_returns(make_thread, make_turn):
     assert (result.tool_name, result.content, result.tool_call_id) == ("customer_balance", 1123.45, "c1")
 
 
-def test_thread_history_of_another_thread_is_not_mixed_in(make_thread, make_turn):
+def test_thread_state_history_of_another_thread_is_not_mixed_in(make_thread, make_turn):
     thread, other = make_thread(), make_thread()
     turn(make_turn, other, "elsewhere")
     turn(make_turn, thread, "here")
 
-    assert prompts(thread_history(thread_id=thread.pk, turns=10)) == ["here"]
-    assert thread_history(thread_id=make_thread().pk, turns=10) == []
+    assert prompts(thread_state(thread_id=thread.pk, turns=10).history) == ["here"]
+    assert thread_state(thread_id=make_thread().pk, turns=10).history == []

@@ -32,7 +32,7 @@ from runs.broadcast import Broadcast
 from runs.hub import LocalRun, hub
 from runs.limits import slots
 from runs.runner import Turn, run_blocking, until_stopped
-from runs.selectors import thread_history
+from runs.selectors import thread_state
 from runs.services import RunStart, runs_interrupt
 from threads.models import Message, Thread
 
@@ -162,7 +162,7 @@ def test_model_error_keeps_the_question_and_records_a_failed_answer(make_thread,
     )
     assert answer.metadata["error"]["code"] == "model_error"
     assert "provider exploded" not in json.dumps(answer.metadata)
-    assert thread_history(thread_id=thread.pk, turns=10) == []
+    assert thread_state(thread_id=thread.pk, turns=10).history == []
 
 
 def test_missing_provider_key_is_503_and_writes_nothing(make_thread, settings, monkeypatch, free_slots):
@@ -289,7 +289,7 @@ def test_cancelled_blocking_run_saves_an_incomplete_answer_and_returns_it(
     assert turn.assistant_message.status == "incomplete"
     assert [event["event"] for event in broadcast_events][-2:] == ["message_complete", "done"]
     assert broadcast_events[-2]["status"] == "incomplete"
-    assert thread_history(thread_id=thread.pk, turns=10) == []
+    assert thread_state(thread_id=thread.pk, turns=10).history == []
 
 
 def test_blocking_run_goes_on_and_saves_its_answer_when_its_caller_goes_away(make_thread, use_model, free_slots):

@@ -4,6 +4,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+ONE_RUN_PER_THREAD = "message_one_run_per_thread"
+
 
 class Thread(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -56,11 +58,10 @@ class Message(models.Model):
 
     class Meta:
         ordering = ["thread", "seq"]
-        constraints = [models.UniqueConstraint(fields=["thread", "seq"], name="message_thread_seq")]
-        indexes = [
-            models.Index(
-                fields=["thread", "lease_expires_at"], condition=Q(status="in_progress"), name="message_run_lease"
-            )
+        constraints = [
+            models.UniqueConstraint(fields=["thread", "seq"], name="message_thread_seq"),
+            # One run at a time per thread, whatever any process does: a second answer being written is refused.
+            models.UniqueConstraint(fields=["thread"], condition=Q(status="in_progress"), name=ONE_RUN_PER_THREAD),
         ]
 
     def __str__(self) -> str:
