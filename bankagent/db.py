@@ -7,10 +7,11 @@ serialise all of it. Either way idle connections are given back after each hop, 
 holds a connection while a model answers.
 """
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
-from functools import cache, wraps
+from functools import cache, partial, wraps
 from typing import ParamSpec, TypeVar
 
 from asgiref.sync import sync_to_async
@@ -57,3 +58,32 @@ def db(function: Callable[P, R]) -> Callable[P, Awaitable[R]]:
         return await sync_to_async(work)(*args, **kwargs)
 
     return call
+
+
+class OwnThread:
+    """One thread, and so one database connection, for work that must not queue behind requests and sockets (the
+    lease keeper): its connection stays open between calls, so a pool busy with requests cannot hold it up either,
+    and it is closed after a failure, to be opened afresh by the next call."""
+
+    def __init__(self, name: str) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    def __call__(self, function: Callable[P, R]) -> Callable[P, Awaitable[R]]:
+        @wraps(function)
+        async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, partial(self._run, function, *args, **kwargs))
+
+        return call
+
+    @staticmethod
+    def _run(function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return function(*args, **kwargs)
+        except Exception:
+            connections.close_all()
+            raise
+
+    def close_connections(self) -> None:
+        """Close the thread's connection (it is opened again when next needed)."""
+        self.executor.submit(connections.close_all).result()

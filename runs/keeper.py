@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 
-from bankagent.db import db
+from bankagent.db import OwnThread
 from bankagent.jsontypes import JSON
 from runs.hub import LocalRun
 from runs.loops import per_loop
@@ -42,6 +42,12 @@ class Kept:
     saved: str = ""
 
 
+# Renewals must not wait behind the one thread Django and Channels share for database work outside requests (every
+# socket's handshake and frames), nor behind a connection pool busy with requests: a run whose renewal is late is
+# interrupted by the sweep of another process.
+keeper_db = OwnThread("lease-keeper")
+
+
 def _tick() -> float:
     return min(settings.RUN_CHECKPOINT_SECONDS, settings.RUN_LEASE_SECONDS / 3)
 
@@ -61,7 +67,6 @@ class LeaseKeeper:
         self.kept.pop(message_id, None)
 
     async def _keep_forever(self) -> None:
-        # Its database work stays on the one thread Django gives work outside requests: one transaction a tick.
         delay = 0.0
         while True:
             await asyncio.sleep(delay or _tick())
@@ -84,7 +89,7 @@ class LeaseKeeper:
                 due[message_id] = kept
         if not due:
             return
-        lost = await db(runs_renew)(
+        lost = await keeper_db(runs_renew)(
             message_ids=list(due), checkpoints=checkpoints, lease_seconds=settings.RUN_LEASE_SECONDS
         )
         for message_id, kept in due.items():

@@ -17,6 +17,7 @@ from bank.seed import demo_customer_create
 from identity.authentication import _open_keys as open_socket_keys
 from identity.authentication import _recent as recent_keys
 from identity.models import APIKey
+from runs.keeper import keeper_db
 from runs.services import RunStart, run_begin, run_finish
 from threads.models import Message, Thread
 
@@ -62,6 +63,7 @@ def _close_worker_thread_connections():
     # Async code reaches the database from asgiref's worker thread; its connection must not outlive the test
     # database (PostgreSQL refuses to drop a database still in use).
     SyncToAsync.single_thread_executor.submit(connections.close_all).result()
+    keeper_db.close_connections()
 
 
 @pytest.fixture

@@ -356,6 +356,8 @@ def test_blocking_run_answers_when_its_caller_goes_away_while_the_lease_is_being
     assert (answer.status, answer.content, answer.lease_expires_at) == ("complete", "Answered all the same", None)
 
 
+# The keeper writes on a connection of its own: it must see what the test committed.
+@pytest.mark.django_db(transaction=True)
 def test_blocking_run_whose_lease_is_lost_is_stopped_and_raises_run_interrupted(
     make_thread, use_model, settings, monkeypatch, free_slots
 ):
@@ -388,6 +390,8 @@ def test_blocking_run_whose_lease_is_lost_is_stopped_and_raises_run_interrupted(
     assert (answer.status, answer.metadata["error"]["code"]) == ("failed", "run_interrupted")
 
 
+# The keeper writes on a connection of its own: it must see what the test committed.
+@pytest.mark.django_db(transaction=True)
 def test_lease_renewal_retries_after_a_database_error(make_thread, use_model, settings, monkeypatch, free_slots):
     settings.RUN_LEASE_SECONDS = 0.03  # renewed every 10 ms
     monkeypatch.setattr(runs.runner, "ensure_sweeper", lambda: None)  # the sweep has tests of its own
