@@ -39,7 +39,21 @@ def _whole(name: str, default: int, *, minimum: int) -> int:
     return int(raw)
 
 
-DEBUG = env.bool("DJANGO_DEBUG", default=False)
+_ON, _OFF = {"on", "true", "yes", "y", "ok", "1"}, {"off", "false", "no", "n", "0"}
+
+
+def _flag(name: str, default: bool) -> bool:
+    """An on/off setting read strictly: a value that is neither names itself at start-up instead of reading as off
+    (django-environ's `bool` takes anything it does not know for false)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.lower() in _ON | _OFF:
+        return raw.lower() in _ON
+    raise ImproperlyConfigured(f"{name} must be on or off, not {raw!r}.")
+
+
+DEBUG = _flag("DJANGO_DEBUG", default=False)
 
 # DEBUG is the development mode of `make run`; anywhere else a missing key is a deployment mistake.
 SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="")
@@ -192,7 +206,7 @@ MAX_QUERY_CHARS = 8_000
 # The API uses no trailing slashes; a redirect would turn a POST into a GET.
 APPEND_SLASH = False
 
-SESSION_COOKIE_SECURE = env.bool("DJANGO_SECURE_COOKIES", default=not DEBUG)
+SESSION_COOKIE_SECURE = _flag("DJANGO_SECURE_COOKIES", default=not DEBUG)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 
 # Agents

@@ -1,9 +1,9 @@
-"""Numeric settings from the environment are read strictly: a bad value names itself at start-up."""
+"""Numeric and on/off settings from the environment are read strictly: a bad value names itself at start-up."""
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from bankagent.settings import _number, _whole
+from bankagent.settings import _flag, _number, _whole
 
 
 def test_unset_or_blank_numbers_take_their_defaults(monkeypatch):
@@ -31,3 +31,23 @@ def test_a_whole_number_setting_refuses_fractions_words_and_values_below_its_min
     monkeypatch.setenv("RUN_CONCURRENCY", raw)
     with pytest.raises(ImproperlyConfigured, match="RUN_CONCURRENCY must be a whole number of at least 1"):
         _whole("RUN_CONCURRENCY", 1000, minimum=1)
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"), [("on", True), ("True", True), (" yes ", True), ("1", True), ("off", False), ("FALSE", False)]
+)
+def test_an_on_off_setting_reads_the_usual_spellings(monkeypatch, raw, value):
+    monkeypatch.setenv("DJANGO_SSL_REDIRECT", raw)
+    assert _flag("DJANGO_SSL_REDIRECT", not value) is value
+
+
+def test_an_unset_or_blank_on_off_setting_takes_its_default(monkeypatch):
+    monkeypatch.setenv("DJANGO_SSL_REDIRECT", " ")
+    assert _flag("DJANGO_SSL_REDIRECT", True) is True
+
+
+@pytest.mark.parametrize("raw", ["of", "enabled", "2", "https"])
+def test_an_on_off_setting_refuses_anything_else_rather_than_reading_it_as_off(monkeypatch, raw):
+    monkeypatch.setenv("DJANGO_SECURE_COOKIES", raw)
+    with pytest.raises(ImproperlyConfigured, match=f"DJANGO_SECURE_COOKIES must be on or off, not '{raw}'"):
+        _flag("DJANGO_SECURE_COOKIES", True)
