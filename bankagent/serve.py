@@ -4,15 +4,73 @@
 
 The workers share PostgreSQL and Redis: a run's events and cancels reach every worker through the channel layer.
 granian, rather than uvicorn or daphne, because it spreads connections evenly over its workers: with a shared
-listening socket a few keep-alive clients can all land on one worker (bench/README.md has the figures).
+listening socket a few keep-alive clients can all land on one worker (bench/README.md has the figures). A worker
+stops by itself when its master dies.
 """
 
 import argparse
+import functools
+import logging
 import os
+import select
+import signal
+import threading
+import time
+from typing import Any
 
 from granian import Granian
 from granian.constants import HTTPModes, Interfaces, Loops
 from granian.log import LogLevels
+
+logger = logging.getLogger("bankagent.serve")  # not __main__, as `python -m` names it
+
+# How long a worker has to stop by itself before it is killed.
+WORKERS_KILL_TIMEOUT = 30
+
+
+def load_application(master: int) -> Any:
+    """The application, loaded in each worker as it starts; a worker process watches its master, `master`."""
+    if os.getpid() != master:  # granian on a free-threaded Python runs its workers as threads of the master
+        # A forked worker starts with the master's SIGTERM handler, which only flags the master's copy of its state:
+        # until granian sets the worker's own, once the application is loaded, a SIGTERM would be lost. Stopped
+        # while it starts, the worker has nothing to finish.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        watch_master(master)
+    from bankagent.asgi import application
+
+    return application
+
+
+def watch_master(master: int) -> None:
+    """Stop this worker once `master` has exited.
+
+    granian's master stops its workers when it stops; killed (SIGKILL, an out-of-memory kill), it cannot, and a worker
+    would go on serving on the port beside the next server. A thread waits on a pidfd, which becomes readable when the
+    master exits: nothing runs until then, and nothing is added to a request. (PR_SET_PDEATHSIG would do as well, as
+    granian forks its workers from its main thread, but needs ctypes and offers no deadline for a stop that hangs.)
+    """
+    try:
+        exited = os.pidfd_open(master)
+    except ProcessLookupError:
+        exited = None  # gone already
+    except (AttributeError, OSError):
+        logger.warning("No pidfd on this system: worker %s will not stop by itself if its master dies", os.getpid())
+        return
+    # Dead before it was opened, its pid may name another process by now: then it is not the parent any more.
+    if exited is not None and os.getppid() != master:
+        os.close(exited)
+        exited = None
+    threading.Thread(target=_stop_when_exited, args=(exited,), name="master-watch", daemon=True).start()
+
+
+def _stop_when_exited(exited: int | None) -> None:
+    if exited is not None:
+        select.select([exited], [], [])
+    logger.error("The master process is gone: worker %s stops", os.getpid())
+    # What the master would send: granian's worker closes its connections and its event loop ends.
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(WORKERS_KILL_TIMEOUT)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main() -> None:
@@ -54,8 +112,8 @@ def main() -> None:
         backpressure=8192,
         log_level=LogLevels.warning,
         respawn_failed_workers=True,
-        workers_kill_timeout=30,
-    ).serve()
+        workers_kill_timeout=WORKERS_KILL_TIMEOUT,
+    ).serve(target_loader=functools.partial(load_application, os.getpid()), wrap_loader=False)
 
 
 if __name__ == "__main__":

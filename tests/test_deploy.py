@@ -1,18 +1,31 @@
-"""Deployment: `manage.py check --deploy` sees the project's middleware for what it is, and the https settings come
-from the environment and apply to requests."""
+"""Deployment: `manage.py check --deploy` sees the project's middleware for what it is, the https settings come from
+the environment and apply to requests, and a server worker does not outlive its master."""
 
+import contextlib
 import os
 import re
 import secrets
+import select
+import socket
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from django.core.checks import Tags, run_checks
+from django.db import connection
 from django.test import Client
 
+from bankagent.serve import WORKERS_KILL_TIMEOUT
+from tests.test_fanout_processes import server_command
+from tests.test_server_edges import LiveServer, poll, server_env
+
 ROOT = Path(__file__).resolve().parent.parent
+WORKER_EXIT_TIMEOUT = 60  # seconds for an orphaned worker to notice and stop: generous, it takes well under one
+NEEDS_POSTGRESQL = pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="needs PostgreSQL, which the server process shares"
+)
 
 # What a deployment behind a TLS-terminating proxy sets.
 PRODUCTION = {
@@ -159,3 +172,71 @@ def test_by_default_plain_http_is_served_without_redirect_or_hsts():
 
     assert response.status_code == 200
     assert "Strict-Transport-Security" not in response
+
+
+# A worker whose master dies
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started, from any of its threads."""
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(child) for task in tasks.iterdir() for child in (task / "children").read_text().split()]
+
+
+@contextlib.contextmanager
+def exit_of(pid: int) -> Iterator[Callable[[float], bool]]:
+    """Whether process `pid` (no child of ours) exits within a timeout, waited for without polling."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        yield lambda timeout: bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
+
+
+def accepts_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@NEEDS_POSTGRESQL
+@pytest.mark.django_db(transaction=True)
+def test_a_serving_worker_stops_when_its_master_is_killed(tmp_path):
+    server = LiveServer("granian", server_env(), tmp_path / "granian.log")
+    server.start()
+    try:
+        assert server.process is not None
+        [worker] = children(server.process.pid)
+        with exit_of(worker) as exits_within:
+            server.process.kill()  # the master alone, as an out-of-memory kill would
+            server.process.wait()
+            assert exits_within(WORKER_EXIT_TIMEOUT), f"the worker outlived its master: {server.log_tail()}"
+        assert not accepts_connections(server.port)
+    finally:
+        server.stop()  # its process group: a worker that outlived its master too
+
+
+@NEEDS_POSTGRESQL
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_still_loading_the_application_stops_at_once_when_its_master_is_killed(tmp_path):
+    server = LiveServer("granian", server_env(), tmp_path / "granian.log")
+    with open(server.log, "ab") as log:
+        server.process = subprocess.Popen(
+            server_command("granian", server.port),
+            cwd=ROOT,
+            env=server.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        [worker] = poll(lambda: children(server.process.pid), timeout=30)  # forked, and importing Django
+        with exit_of(worker) as exits_within:
+            server.process.kill()
+            server.process.wait()
+            # Stopped by its SIGTERM, not killed at the deadline it gives a stop that hangs.
+            assert exits_within(WORKERS_KILL_TIMEOUT / 2), f"the worker outlived its master: {server.log_tail()}"
+    finally:
+        server.stop()
