@@ -6,6 +6,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 from urllib.parse import parse_qs
 
 from django.conf import settings
@@ -48,30 +49,49 @@ def _unexpired(key: APIKey | None) -> APIKey | None:
 
 
 @dataclass(frozen=True)
-class KeyGrant:
+class Standing:
+    """Credentials found good, until their expiry if they have one (an API key's)."""
+
+    expiry: datetime | None
+
+    def in_force(self) -> bool:
+        """Expiry is checked on every use; revocation only when the credentials are looked up again."""
+        return self.expiry is None or self.expiry > timezone.now()
+
+
+@dataclass(frozen=True)
+class KeyGrant(Standing):
     """What a verified key grants, remembered for API_KEY_CACHE_SECONDS."""
 
     key_id: str
     events: str
-    expiry: datetime | None
 
     @classmethod
     def of(cls, key: APIKey) -> "KeyGrant":
         return cls(key_id=key.pk, events=key.events, expiry=key.expiry_date)
-
-    def in_force(self) -> bool:
-        """Expiry is checked on every use; revocation only when the key is looked up again."""
-        return self.expiry is None or self.expiry > timezone.now()
 
 
 def _lately(checked_at: float) -> bool:
     return time.monotonic() - checked_at < settings.API_KEY_CACHE_SECONDS
 
 
+_RECENT_MAX = 10_000
+E = TypeVar("E")
+
+
+def _remember(entries: dict[str, E], name: str, entry: E) -> None:
+    """Store `entry` as the most recently used; the least recently used go first, so that a flood of names
+    (unknown keys) cannot flush the ones in use."""
+    entries.pop(name, None)
+    if len(entries) >= _RECENT_MAX:
+        for stale in list(itertools.islice(entries, _RECENT_MAX // 10)):
+            entries.pop(stale, None)
+    entries[name] = entry
+
+
 # Verified keys (and refused ones) by the SHA-256 of the key, never the key itself: verifying costs a query and a
 # hash, so a key is looked up again only after API_KEY_CACHE_SECONDS, which bounds how long a revoked key works.
 _recent: dict[str, tuple[float, KeyGrant | None]] = {}
-_RECENT_MAX = 10_000
 
 
 def _digest(raw: str) -> str:
@@ -83,24 +103,22 @@ def _fresh(digest: str) -> tuple[float, KeyGrant | None] | None:
     return entry if entry is not None and _lately(entry[0]) else None
 
 
+def _key_verdict(raw: str) -> tuple[float, KeyGrant | None]:
+    """When the key `raw` was last looked up, and what it granted then (None: unknown, revoked or expired)."""
+    digest = _digest(raw)
+    if (entry := _fresh(digest)) is None:
+        checked_at, key = time.monotonic(), api_key_from(raw)
+        entry = (checked_at, None if key is None else KeyGrant.of(key))
+    _remember(_recent, digest, entry)
+    return entry
+
+
 def key_grant(raw: str | None) -> KeyGrant | None:
     """What the key `raw` grants now, or None: unknown, revoked or expired. The hash comparison runs in constant
     time; expiry is checked on every use, revocation once per API_KEY_CACHE_SECONDS."""
     if not raw:
         return None
-    digest = _digest(raw)
-    if (entry := _fresh(digest)) is not None:
-        grant = entry[1]
-        _recent[digest] = _recent.pop(digest, entry)  # the least recently used go first
-    else:
-        key = api_key_from(raw)
-        grant = None if key is None else KeyGrant.of(key)
-        _recent.pop(digest, None)
-        if len(_recent) >= _RECENT_MAX:
-            # A flood of unknown keys cannot flush the keys in use.
-            for stale in list(itertools.islice(_recent, _RECENT_MAX // 10)):
-                _recent.pop(stale, None)
-        _recent[digest] = (time.monotonic(), grant)
+    grant = _key_verdict(raw)[1]
     return grant if grant is not None and grant.in_force() else None
 
 
