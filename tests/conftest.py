@@ -14,7 +14,8 @@ from rest_framework.test import APIClient
 
 from bank.models import DEMO_USER_ID, Customer
 from bank.seed import demo_customer_create
-from identity.authentication import _open_keys as open_socket_keys
+from identity.authentication import _lookups as socket_credential_lookups
+from identity.authentication import _open as open_socket_credentials
 from identity.authentication import _recent as recent_keys
 from identity.models import APIKey
 from runs.keeper import keeper_db
@@ -54,7 +55,8 @@ def _no_throttling(settings):
 @pytest.fixture(autouse=True)
 def _keys_verified_afresh():
     recent_keys.clear()
-    open_socket_keys.clear()
+    open_socket_credentials.clear()
+    socket_credential_lookups.clear()
 
 
 @pytest.fixture(autouse=True)

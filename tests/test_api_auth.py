@@ -1,10 +1,12 @@
 """Authentication and identity: the API key names the caller, X-User-ID the end user it acts for."""
 
+import asyncio
 import uuid
 from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -13,11 +15,13 @@ from rest_framework.test import APIClient
 from bankagent import async_views
 from identity import authentication
 from identity.authentication import _recent as recent_keys
+from identity.authentication import authenticate_socket
 from identity.models import APIKey
 from threads.models import Message, Thread
 
 THREADS = "/api/v1/threads"
 USER = uuid.UUID("3f2504e0-4f89-41d3-9a0c-0305e82c3301")
+THREAD = uuid.UUID("9b2c1f7e-1a43-4d7e-8f52-6c1d0e4a7b35")
 WRONG_KEY = "AbCdEfGh.ThisIsNotAKeyThisServerIssued0123456789"
 
 
@@ -220,6 +224,37 @@ def test_remembered_key_is_verified_without_a_query(api_key, key_clock):
         assert keyed(api_key).get(THREADS).status_code == 200
 
     assert api_key_queries(captured) == []
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_open_sockets_on_one_key_share_one_lookup_per_period_and_stop_together(key_clock, monkeypatch):
+    api_key, key = await sync_to_async(APIKey.objects.create_key)(name="many sockets")
+    scope = {"headers": [(b"x-api-key", key.encode()), (b"x-user-id", str(USER).encode())]}
+    sockets = [await authenticate_socket(scope, THREAD) for _ in range(3)]
+    lookups = []
+    look_up = authentication.KeyCredential.look_up
+
+    def counted(credential: authentication.KeyCredential) -> authentication.Standing | None:
+        lookups.append(credential)
+        return look_up(credential)
+
+    monkeypatch.setattr(authentication.KeyCredential, "look_up", counted)
+
+    key_clock(4.999)
+    assert all(credentials.heard_lately() for credentials in sockets)
+    key_clock(5)
+    assert not any(credentials.heard_lately() for credentials in sockets)
+    checks = [credentials.may_act() for credentials in sockets] + [credentials.may_hear() for credentials in sockets]
+    assert await asyncio.gather(*checks) == [True] * 6
+    assert len(lookups) == 1
+
+    await APIKey.objects.filter(pk=api_key.pk).aupdate(revoked=True)
+    key_clock(9.999)
+    assert [await credentials.may_act() for credentials in sockets] == [True] * 3
+    key_clock(10)
+    assert [await credentials.may_hear() for credentials in sockets] == [False] * 3
+    assert [await credentials.may_act() for credentials in sockets] == [False] * 3
+    assert len(lookups) == 2
 
 
 # X-User-ID

@@ -6,7 +6,10 @@ from io import StringIO
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.contrib.auth.models import User
+from django.contrib.sessions.backends.base import SessionBase
 from django.core.management import CommandError, call_command
+from django.test import Client
 from django.utils import timezone
 from rest_framework.request import Request
 from rest_framework.test import APIRequestFactory
@@ -100,13 +103,20 @@ async def test_a_socket_carries_its_keys_events_whether_by_headers_or_by_ticket(
     )
     by_ticket = await authenticate_socket({"query_string": f"ticket={ticket}".encode()}, THREAD)
 
-    assert by_headers == by_ticket == Principal(user_id=USER, api_key_id=key.pk, events="legacy")
+    assert by_headers.principal == by_ticket.principal == Principal(user_id=USER, api_key_id=key.pk, events="legacy")
+
+
+@sync_to_async
+def signed_in_session(user: User) -> SessionBase:
+    browser = Client()
+    browser.force_login(user)
+    return browser.session
 
 
 @pytest.mark.django_db(transaction=True)
 async def test_a_signed_in_users_socket_gets_the_standard_events():
     user, _ = await sync_to_async(login_ensure)(username="alice", password="unused here", user_id=USER)
 
-    principal = await authenticate_socket({"user": user}, THREAD)
+    credentials = await authenticate_socket({"user": user, "session": await signed_in_session(user)}, THREAD)
 
-    assert principal == Principal(user_id=USER, events="standard")
+    assert credentials.principal == Principal(user_id=USER, events="standard")

@@ -5,14 +5,18 @@ import contextlib
 import copy
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import HttpCommunicator, WebsocketCommunicator
+from django.contrib.auth import SESSION_KEY
+from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.core.cache.backends import base as cache_base
 from django.core.cache.backends import locmem
@@ -25,8 +29,8 @@ from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls
 from agents.demo import respond
 from agents.demo_script import POEM, STORY
 from bankagent.asgi import application
-from identity import tickets
-from identity.models import APIKey
+from identity import authentication, tickets
+from identity.models import APIKey, Profile
 from identity.services import login_ensure
 from runs import hub as hub_module
 from runs import pipeline
@@ -408,15 +412,25 @@ async def test_non_uuid_thread_id_closes_with_4404(socket, caller):
 
 
 @sync_to_async
-def session_headers(username: str, user_id: uuid.UUID, *, active: bool = True) -> list[tuple[bytes, bytes]]:
-    """A browser's handshake headers for a signed-in login acting for `user_id`."""
+def signed_in_browser(username: str, user_id: uuid.UUID, *, active: bool = True) -> Client:
+    """A browser signed in as the login `username`, which acts for `user_id`."""
     user, _ = login_ensure(username=username, password="unused in these tests", user_id=user_id)
     user.is_active = active
     user.save(update_fields=["is_active"])
     browser = Client()
     browser.force_login(user)
+    return browser
+
+
+def browser_headers(browser: Client) -> list[tuple[bytes, bytes]]:
+    """The handshake headers of the browser's socket: its session cookie, and the Origin browsers send."""
     cookie = f"sessionid={browser.cookies['sessionid'].value}"
     return [(b"cookie", cookie.encode()), (b"origin", b"http://localhost")]
+
+
+async def session_headers(username: str, user_id: uuid.UUID, *, active: bool = True) -> list[tuple[bytes, bytes]]:
+    """A browser's handshake headers for a signed-in login acting for `user_id`."""
+    return browser_headers(await signed_in_browser(username, user_id, active=active))
 
 
 async def test_session_opens_the_users_thread_and_runs_a_query(socket, thread, user_id):
@@ -564,23 +578,273 @@ async def test_ticket_dies_with_its_revoked_api_key(socket, caller, thread):
     await ws.disconnect()
 
 
+# Credentials of an open socket: checked again before it acts, and before it is sent events
+
+
+async def revoke(caller: Caller) -> None:
+    await APIKey.objects.filter(pk=caller.api_key.pk).aupdate(revoked=True)
+
+
+async def another_caller(user_id: uuid.UUID) -> Caller:
+    """The same end user through the key of another client."""
+    api_key, key = await sync_to_async(APIKey.objects.create_key)(name="another client")
+    return Caller(key=key, api_key=api_key, user_id=user_id)
+
+
+def signed_out(browser: Client, user: User) -> None:
+    assert browser.post("/accounts/logout/").status_code == 302
+
+
+def deactivated(browser: Client, user: User) -> None:
+    user.is_active = False
+    user.save(update_fields=["is_active"])
+
+
+def password_changed(browser: Client, user: User) -> None:
+    user.set_password("a new password")
+    user.save(update_fields=["password"])
+
+
+def acting_for_another_user(browser: Client, user: User) -> None:
+    Profile.objects.filter(login=user).update(user_id=uuid.uuid4())
+
+
+SIGN_IN_ENDINGS = {
+    "signed_out": signed_out,
+    "deactivated": deactivated,
+    "password_changed": password_changed,
+    "acting_for_another_user": acting_for_another_user,
+}
+
+
+@sync_to_async
+def end_sign_in(browser: Client, ending: str = "signed_out") -> None:
+    """End the browser's sign-in elsewhere than on its socket, as SIGN_IN_ENDINGS[ending] does."""
+    SIGN_IN_ENDINGS[ending](browser, User.objects.get(pk=browser.session[SESSION_KEY]))
+
+
+async def opened(kind: str, socket, thread: Thread, caller: Caller) -> tuple[Socket, Callable[[], Awaitable[None]]]:
+    """A served socket on `thread` for the caller's end user, and what ends the credentials it was opened with.
+
+    `key`: the caller's key in headers; `ticket`: a ticket of the caller's key; `another_key`: another client's key
+    in headers; `session`: a browser signed in as john, who acts for the caller's end user.
+    """
+    if kind == "session":
+        browser = await signed_in_browser("john", caller.user_id)
+        ws, end = socket(thread_path(thread.pk), browser_headers(browser)), partial(end_sign_in, browser)
+    else:
+        holder = await another_caller(caller.user_id) if kind == "another_key" else caller
+        if kind == "ticket":
+            ws = socket(thread_path(thread.pk, await issue_ticket(holder, thread)))
+        else:
+            ws = socket(thread_path(thread.pk), holder.headers())
+        end = partial(revoke, holder)
+    await connected(ws)
+    return ws, end
+
+
+async def ends_for_its_credentials(ws: Socket) -> None:
+    """The socket's next frame is an `authentication_failed` error, and then it closes with 4401."""
+    error = await ws.receive_json_from(timeout=TIMEOUT)
+    assert (error["event"], error["error_type"]) == ("error", "authentication_failed"), error
+    assert await closed_with(ws) == 4401
+
+
+def database_locked(credential: object) -> None:
+    raise OperationalError("database is locked")
+
+
+@pytest.mark.parametrize("ending", SIGN_IN_ENDINGS)
+async def test_session_socket_whose_sign_in_ended_starts_no_run_and_closes_4401(
+    socket, caller, thread, settings, ending
+):
+    settings.API_KEY_CACHE_SECONDS = 0  # as once the process's last look at the session has aged
+    browser = await signed_in_browser("john", caller.user_id)
+    ws = socket(thread_path(thread.pk), browser_headers(browser))
+    await connected(ws)
+    await end_sign_in(browser, ending)
+
+    await ws.send_json_to({"type": "query", "query": BALANCE})
+
+    await ends_for_its_credentials(ws)
+    await ws.disconnect()
+    await nothing_written(thread)
+
+
+@pytest.mark.parametrize("kind", ["key", "ticket"])
 @pytest.mark.parametrize("lapse", ["revoked", "expired"])
 async def test_open_socket_whose_key_is_revoked_or_expired_starts_no_run_and_closes_4401(
-    socket, caller, thread, settings, lapse
+    socket, caller, thread, settings, lapse, kind
 ):
     settings.API_KEY_CACHE_SECONDS = 0  # as once the process's memory of the key has lapsed
-    ws = socket(thread_path(thread.pk), caller.headers())
-    await connected(ws)
+    ws, _ = await opened(kind, socket, thread, caller)
     change = {"revoked": True} if lapse == "revoked" else {"expiry_date": timezone.now() - timedelta(seconds=1)}
     await APIKey.objects.filter(pk=caller.api_key.pk).aupdate(**change)
 
     await ws.send_json_to({"type": "query", "query": BALANCE})
 
-    error = await ws.receive_json_from(timeout=TIMEOUT)
-    assert (error["event"], error["error_type"]) == ("error", "authentication_failed"), error
-    assert await closed_with(ws) == 4401
+    await ends_for_its_credentials(ws)
     await ws.disconnect()
     await nothing_written(thread)
+
+
+@pytest.mark.parametrize(
+    ("watcher", "starter"),
+    [("key", "another_key"), ("key", "session"), ("ticket", "another_key"), ("ticket", "session"), ("session", "key")],
+)
+async def test_socket_whose_credentials_end_mid_run_hears_no_more_of_it_and_closes_4401(
+    socket, caller, thread, settings, held_model, watcher, starter
+):
+    settings.API_KEY_CACHE_SECONDS = 0
+    model = held_model(at=0)  # the run waits after message_started
+    watching, end_credentials = await opened(watcher, socket, thread, caller)
+    running, _ = await opened(starter, socket, thread, caller)
+    await running.send_json_to({"type": "query", "query": "Write me a poem"})
+    await model.held()
+    await events_until(watching, "message_started")  # all there is so far
+
+    await end_credentials()
+    model.resume.set()
+
+    await ends_for_its_credentials(watching)  # not one more event of the run
+    events = await events_until_done(running)
+    assert shape(events) == STREAM_ORDER
+    assert events[-2]["status"] == "complete"
+
+
+@pytest.mark.parametrize("watcher", ["key", "ticket", "session"])
+async def test_cancel_from_a_socket_whose_credentials_ended_does_not_stop_the_run(
+    socket, caller, thread, settings, held_model, watcher
+):
+    settings.API_KEY_CACHE_SECONDS = 0
+    model = held_model(at=0)  # the run waits after message_started
+    watching, end_credentials = await opened(watcher, socket, thread, caller)
+    running, _ = await opened("key" if watcher == "session" else "another_key", socket, thread, caller)
+    await running.send_json_to({"type": "query", "query": "Write me a poem"})
+    await model.held()
+    await events_until(watching, "message_started")  # all there is so far
+    await end_credentials()
+
+    await watching.send_json_to({"type": "cancel"})
+    await ends_for_its_credentials(watching)
+    model.resume.set()
+
+    events = await events_until_done(running)
+    assert events[-2]["status"] == "complete"
+    assert (await answer_of(thread)).status == Message.Status.COMPLETE
+
+
+@pytest.mark.parametrize("watcher", ["key", "ticket"])
+async def test_socket_whose_key_expires_mid_run_stops_at_once(socket, caller, thread, held_model, monkeypatch, watcher):
+    # API_KEY_CACHE_SECONDS keeps its default: an expiry needs no second look at the key to apply.
+    expiry = timezone.now() + timedelta(hours=1)
+    await APIKey.objects.filter(pk=caller.api_key.pk).aupdate(expiry_date=expiry)
+    model = held_model(at=0)  # the run waits after message_started
+    watching, _ = await opened(watcher, socket, thread, caller)
+    running, _ = await opened("another_key", socket, thread, caller)
+    await running.send_json_to({"type": "query", "query": "Write me a poem"})
+    await model.held()
+    await events_until(watching, "message_started")  # all there is so far
+
+    # Only the clock the credentials are checked by: the runs' leases keep the real one.
+    monkeypatch.setattr(authentication, "timezone", SimpleNamespace(now=lambda: expiry))
+    model.resume.set()
+
+    await ends_for_its_credentials(watching)
+    assert (await events_until_done(running))[-2]["status"] == "complete"
+
+
+@pytest.mark.parametrize("kind", ["key", "ticket", "session"])
+async def test_ping_on_a_socket_whose_credentials_ended_gets_authentication_failed_instead_of_pong(
+    socket, caller, thread, settings, kind
+):
+    settings.API_KEY_CACHE_SECONDS = 0
+    ws, end_credentials = await opened(kind, socket, thread, caller)
+    await end_credentials()
+
+    await ws.send_json_to({"type": "ping"})
+
+    await ends_for_its_credentials(ws)
+
+
+async def test_events_waiting_behind_a_send_under_way_are_dropped_when_the_key_is_revoked(
+    socket, caller, thread, settings, held_model, monkeypatch
+):
+    model = held_model(at=4)
+    watching, _ = await opened("key", socket, thread, caller)
+    running, _ = await opened("another_key", socket, thread, caller)
+    stalled, reading_again = asyncio.Event(), asyncio.Event()
+    send = ThreadConsumer.send
+
+    async def watcher_stops_reading(consumer, text_data=None, bytes_data=None, close=False) -> None:
+        if (b"x-api-key", caller.key.encode()) in consumer.scope["headers"] and not reading_again.is_set():
+            stalled.set()
+            await reading_again.wait()
+        await send(consumer, text_data, bytes_data, close)
+
+    monkeypatch.setattr(ThreadConsumer, "send", watcher_stops_reading)
+    await running.send_json_to({"type": "query", "query": "Write me a poem"})
+    await model.held()
+    async with asyncio.timeout(TIMEOUT):
+        await stalled.wait()  # the watcher's writer is sending the run's first event
+    seen = await events_until(running, "text_delta")  # and the run's next events wait behind it
+
+    await revoke(caller)
+    settings.API_KEY_CACHE_SECONDS = 0
+    await watching.send_json_to({"type": "cancel"})
+    reading_again.set()
+
+    assert (await watching.receive_json_from(timeout=TIMEOUT))["event"] == "message_created"
+    await ends_for_its_credentials(watching)
+    model.resume.set()
+    seen += await events_until_done(running)
+    assert shape(seen) == STREAM_ORDER
+    assert (await answer_of(thread)).status == Message.Status.COMPLETE
+
+
+@pytest.mark.parametrize("frame", ["query", "cancel"])
+@pytest.mark.parametrize("kind", ["key", "session"])
+async def test_frame_whose_credentials_cannot_be_checked_gets_database_busy_and_the_socket_stays_open(
+    socket, caller, thread, settings, monkeypatch, kind, frame
+):
+    settings.API_KEY_CACHE_SECONDS = 0
+    ws, _ = await opened(kind, socket, thread, caller)
+    credential = authentication.SessionCredential if kind == "session" else authentication.KeyCredential
+
+    with monkeypatch.context() as database:
+        database.setattr(credential, "look_up", database_locked)
+        await ws.send_json_to({"type": frame, "query": BALANCE, "request_id": "while-locked"})
+        error = await ws.receive_json_from(timeout=TIMEOUT)
+        await answers_ping(ws)  # a check the database cannot make is no revocation: events still go out
+
+    assert (error["event"], error["error_type"], error["request_id"]) == ("error", "database_busy", "while-locked")
+    await nothing_written(thread)
+    await ws.send_json_to({"type": "query", "query": BALANCE})
+    assert shape(await events_until_done(ws)) == TOOL_ORDER
+
+
+async def test_events_keep_reaching_a_socket_whose_credentials_cannot_be_checked(
+    socket, caller, thread, settings, monkeypatch
+):
+    settings.API_KEY_CACHE_SECONDS = 0
+    watching, _ = await opened("key", socket, thread, caller)
+    running, _ = await opened("session", socket, thread, caller)
+    monkeypatch.setattr(authentication.KeyCredential, "look_up", database_locked)
+
+    await running.send_json_to({"type": "query", "query": BALANCE})
+
+    assert shape(await events_until_done(watching)) == TOOL_ORDER
+    assert shape(await events_until_done(running)) == TOOL_ORDER
+
+
+async def test_session_signed_under_a_previous_secret_keeps_its_socket(socket, caller, thread, settings):
+    settings.API_KEY_CACHE_SECONDS = 0
+    ws, _ = await opened("session", socket, thread, caller)
+    settings.SECRET_KEY_FALLBACKS, settings.SECRET_KEY = [settings.SECRET_KEY], "a-rotated-secret-key-for-this-test"
+
+    await ws.send_json_to({"type": "query", "query": BALANCE})
+
+    assert shape(await events_until_done(ws)) == TOOL_ORDER
 
 
 # Origin and routing

@@ -13,7 +13,6 @@ from agents.registry import AGENTS
 from bankagent.db import db, serve_outside_requests
 from bankagent.exceptions import (
     ApplicationError,
-    AuthenticationFailed,
     BadFrame,
     NotFound,
     PayloadTooLarge,
@@ -24,7 +23,7 @@ from bankagent.exceptions import (
 from bankagent.jsontypes import JSONObject
 from bankagent.parsers import loads_strict
 from bankagent.throttling import check_run_throttles, throttling_on
-from identity.authentication import Principal, authenticate_socket, key_still_usable
+from identity.authentication import Principal, SocketCredentials, authenticate_socket
 from runs.events import Backlog, BacklogFull, Dialect, Event, encode, error_event
 from runs.hub import hub
 from runs.pipeline import start_stream
@@ -62,7 +61,7 @@ class ThreadConsumer(AsyncWebsocketConsumer):
     channel_layer_alias = "sockets-use-the-hub"
 
     thread: Thread | None = None
-    principal: Principal | None = None
+    credentials: SocketCredentials | None = None
     writer: asyncio.Task | None = None
     closing: asyncio.Task | None = None
 
@@ -73,10 +72,10 @@ class ThreadConsumer(AsyncWebsocketConsumer):
         except ValueError:
             return await self._refuse(CLOSE_NOT_FOUND)
         try:
-            principal = await authenticate_socket(self.scope, thread_id)
-            if principal is None:
+            credentials = await authenticate_socket(self.scope, thread_id)
+            if credentials is None:
                 return await self._refuse(CLOSE_UNAUTHORIZED)
-            thread = await db(thread_get_for_user)(thread_id=thread_id, user_id=principal.user_id)
+            thread = await db(thread_get_for_user)(thread_id=thread_id, user_id=credentials.principal.user_id)
         except NotFound:
             return await self._refuse(CLOSE_NOT_FOUND)
         except Exception as exc:
@@ -86,13 +85,13 @@ class ThreadConsumer(AsyncWebsocketConsumer):
             return await self._refuse(code, error)
         spec = AGENTS.get(thread.agent_type)
         self.backlog = Backlog(cumulative=spec is None or spec.structured, max_events=settings.STREAM_BACKLOG_EVENTS)
-        self.dialect = Dialect(principal.events)
+        self.dialect = Dialect(credentials.principal.events)
         try:
             await hub().watch(thread.pk, self)
         except Exception:
             logger.warning("Refusing a socket on thread %s: the channel layer is down", thread.pk, exc_info=True)
             return await self._refuse(CLOSE_TRY_AGAIN_LATER, ServiceUnavailable())
-        self.thread, self.principal = thread, principal
+        self.thread, self.credentials = thread, credentials
         await self.accept()
         self.writer = asyncio.create_task(self._write())
         self.writer.add_done_callback(self._writer_done)
@@ -138,11 +137,23 @@ class ThreadConsumer(AsyncWebsocketConsumer):
         self.closing = asyncio.create_task(self.close(code=CLOSE_INTERNAL_ERROR))
 
     async def _write(self) -> None:
+        """The socket's one sender. Before each event it makes sure the socket's credentials still hold."""
+        assert self.credentials is not None
+        credentials = self.credentials
         with contextlib.suppress(BacklogFull):  # deliver() has dropped the socket
             while True:
                 for event in await self.backlog.take():
+                    if not credentials.heard_lately() and not await credentials.may_hear():
+                        return await self._end_for_credentials()
                     if (text := encode(event, self.dialect)) is not None:
                         await self.send(text_data=text)
+
+    async def _end_for_credentials(self) -> None:
+        """Credentials that no longer hold end the socket as they would have refused its handshake; what was
+        waiting for it is never sent."""
+        assert self.credentials is not None
+        self.closing = asyncio.current_task()
+        await self._close_with(CLOSE_UNAUTHORIZED, self.credentials.failure)
 
     @property
     def thread_id(self) -> uuid.UUID | None:
@@ -171,21 +182,20 @@ class ThreadConsumer(AsyncWebsocketConsumer):
         serializer = QueryFrameSerializer(data=frame)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
-        assert self.thread is not None and self.principal is not None
-        if self.principal.api_key_id is not None and not await key_still_usable(self.principal.api_key_id):
-            # Revoked or expired since the handshake: the socket ends as a handshake with that key would.
-            return await self._close_with(CLOSE_UNAUTHORIZED, AuthenticationFailed())
+        principal = await self._acting()
         if throttling_on():
-            await db(check_run_throttles)(self.principal)
+            await db(check_run_throttles)(principal)
         # The run answers through the thread's readers, this socket included.
+        assert self.thread is not None
         await start_stream(
-            user_id=self.principal.user_id,
+            user_id=principal.user_id,
             thread_id=self.thread.pk,
             query=data["query"],
             request_id=data.get("request_id"),
         )
 
     async def on_cancel(self, frame: JSONObject) -> None:
+        await self._acting()
         assert self.thread is not None
         try:
             await hub().cancel(self.thread.pk)
@@ -193,7 +203,17 @@ class ThreadConsumer(AsyncWebsocketConsumer):
             raise ServiceUnavailable("The cancel could not reach the run: the channel layer is down.") from exc
 
     async def on_ping(self, frame: JSONObject) -> None:
+        # Nothing to check: the pong, like every event, goes out only while the credentials hold.
         self.deliver([{"event": "pong"}])
+
+    async def _acting(self) -> Principal:
+        """Who a `query` or `cancel` acts for, once the socket's credentials are found to hold still. When they do
+        not, the frame is refused with `authentication_failed`, and the writer, woken by that error, ends the
+        socket."""
+        assert self.credentials is not None
+        if not await self.credentials.may_act():
+            raise self.credentials.failure
+        return self.credentials.principal
 
     def _error(self, error: APIException, request_id: object = None) -> None:
         extra = {"request_id": request_id} if isinstance(request_id, str) else {}
