@@ -297,6 +297,15 @@ class ModelServer:
             assert self.changed.wait_for(lambda: predicate(self.calls), timeout), f"calls: {len(self.calls)}"
 
 
+def poll(check: Callable[[], object], timeout: float = TIMEOUT) -> object:
+    """`check()`'s first truthy result, asked again until `timeout` (a hang, not a slow pass)."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, "the condition did not come true in time"
+        time.sleep(0.05)
+    return result
+
+
 def shape(events: list[dict]) -> list[str]:
     """Event names, with a run of text_delta counted once (deltas merge differently for each reader)."""
     names: list[str] = []

@@ -18,10 +18,8 @@ from django.db import connection
 from django.test import Client
 
 from bankagent.serve import WORKERS_KILL_TIMEOUT
-from tests.test_fanout_processes import server_command
-from tests.test_server_edges import LiveServer, poll, server_env
+from tests.live import ROOT, LiveServer, poll, server_command, server_env
 
-ROOT = Path(__file__).resolve().parent.parent
 WORKER_EXIT_TIMEOUT = 60  # seconds for an orphaned worker to notice and stop: generous, it takes well under one
 NEEDS_POSTGRESQL = pytest.mark.skipif(
     connection.vendor != "postgresql", reason="needs PostgreSQL, which the server process shares"

@@ -11,7 +11,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from websockets.sync.client import connect as connect_sync
 
 from agents.demo_script import POEM
 from tests.conftest import Caller
-from tests.live import SERVERS, TIMEOUT, LiveServer, free_port, request, server_env
+from tests.live import SERVERS, TIMEOUT, LiveServer, free_port, poll, request, server_env
 from threads.models import Message, Thread
 
 LAPSE_TIMEOUT = 30  # seconds for a killed run's lease to lapse and be seen as interrupted
@@ -243,15 +242,6 @@ def test_channel_layer_down_is_503_on_health_and_a_blocking_query_is_still_answe
 
 
 # A process killed mid-answer
-
-
-def poll(check, timeout: float = TIMEOUT):
-    """`check()`'s first truthy result, asked again until `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        assert time.monotonic() < deadline, "the condition did not come true in time"
-        time.sleep(0.05)
-    return result
 
 
 @pytest.mark.parametrize("crashing_server", servers_param(), indirect=True)
