@@ -1,8 +1,9 @@
 """A run from its query to its saved answer: the one path every entry point takes.
 
-`open_run` takes one of the process's run slots, makes the run reachable by cancels and, in one hop to the
-database, takes the thread's lease and saves the user's message. `run_blocking` then awaits the model;
-`runs.pipeline` streams it. Both end in `close_run`, which saves the answer in one statement.
+`start_run` starts the run in a task of its own, which outlives whoever asked: `open_run` takes one of the
+process's run slots, makes the run reachable by cancels and, in one hop to the database, takes the thread's lease
+and saves the user's message; `execute` then has the model answer (whole for `run_blocking`, streamed for
+`runs.pipeline`), saves the answer in one statement, and ends every run alike, with `done`.
 """
 
 import asyncio
@@ -25,15 +26,16 @@ from pydantic_core import to_jsonable_python
 
 from agents.llm import agent_model, model_failure, model_label
 from agents.registry import AgentSpec, agent_spec
-from bankagent.db import db
+from bankagent.db import db, serve_outside_requests
 from bankagent.exceptions import ApplicationError, NotFound, RunInterrupted, as_application_error
 from bankagent.jsontypes import JSON, JSONObject
 from runs.broadcast import Broadcast
-from runs.events import Event, error_event
+from runs.events import Backlog, Event, error_event
 from runs.hub import LocalRun, hub
 from runs.keeper import Progress, keeper
 from runs.limits import model_turns, slots
-from runs.services import RunStart, run_begin, run_finish, run_message_exists
+from runs.selectors import run_answer_state
+from runs.services import RunStart, run_begin, run_finish
 from runs.sweeper import ensure_sweeper
 from threads.models import Message, Thread
 
@@ -147,6 +149,7 @@ def usage_metadata(usage: RunUsage) -> dict[str, JSON]:
 
 async def close_run(
     run: Run,
+    progress: Progress,
     *,
     status: str,
     content: str,
@@ -154,12 +157,15 @@ async def close_run(
     model_messages: list[ModelMessage] | None = None,
     **metadata: JSON,
 ) -> None:
-    """Save the run's answer. Raises NotFound (the thread was deleted meanwhile) or RunInterrupted (another
-    run took the lapsed lease over): the answer is then discarded."""
+    """Save the run's answer, retrying after a transient database error. Raises NotFound (the thread was deleted
+    meanwhile) or RunInterrupted (another run took the lapsed lease over): the answer is then discarded."""
     message = run.start.assistant_message
     message.status, message.content = status, content
     message.output = output if run.spec.structured else None
-    message.metadata = {"model": message.metadata.get("model"), "duration_ms": _elapsed_ms(run), **metadata}
+    timing = {"duration_ms": _elapsed_ms(run)}
+    if progress.first_token_at is not None:
+        timing["time_to_first_token_ms"] = round((progress.first_token_at - run.started) * 1000)
+    message.metadata = {"model": message.metadata.get("model"), **timing, **metadata}
     saved = await _retrying(
         db(run_finish),
         message_id=message.pk,
@@ -170,8 +176,12 @@ async def close_run(
         model_messages=to_jsonable_python(model_messages) if model_messages is not None else None,
     )
     if not saved:
-        gone = not await db(run_message_exists)(message_id=message.pk)
-        raise NotFound("The thread was deleted while the answer was being written.") if gone else RunInterrupted()
+        stored = await db(run_answer_state)(message_id=message.pk)
+        if stored is None:
+            raise NotFound("The thread was deleted while the answer was being written.")
+        if stored != (status, message.metadata):
+            raise RunInterrupted()
+        # An earlier attempt committed before its connection failed: the answer is saved as it is here.
 
 
 SAVE_RETRY_DELAYS = (0.1, 0.5, 2.0)
@@ -188,19 +198,6 @@ async def _retrying(save: Callable[..., Awaitable[bool]], **fields: object) -> b
             logger.warning("Could not save an answer; retrying in %.1f s", delay, exc_info=True)
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
-
-
-async def close_complete(run: Run, result: AgentRunResult[object], **metadata: JSON) -> None:
-    """Save the answer of a run the model finished."""
-    await close_run(
-        run,
-        status=Message.Status.COMPLETE,
-        content=final_content(run, result.output),
-        output=result.output,
-        model_messages=result.new_messages(),
-        usage=usage_metadata(result.usage),
-        **metadata,
-    )
 
 
 def _elapsed_ms(run: Run) -> int:
@@ -235,64 +232,166 @@ def message_complete(run: Run) -> Event:
     }
 
 
-async def run_blocking(*, user_id: uuid.UUID, thread_id: uuid.UUID, query: str) -> Turn:
-    """Answer `query` and return the saved exchange; a model failure is saved, then raised.
+ModelStep = Callable[[Run, Progress, Broadcast], Coroutine[object, object, AgentRunResult[object]]]
+"""How a run's model answers: whole, or streamed to the run's broadcast as it goes (its progress kept up to date)."""
 
-    The run goes on if the caller goes away: its answer is saved all the same.
+
+@dataclass(frozen=True)
+class Started:
+    """A run that has taken its thread: its caller's backlog of its events, if it listens, and its outcome."""
+
+    turn: Turn
+    listener: Backlog | None
+    finished: asyncio.Future[ApplicationError | None]
+    """The error the run ended with, if any, once its answer is saved (or could not be)."""
+
+
+# Strong references: a run is a task of its own, held by nothing else once its caller is gone.
+_RUNS: set[asyncio.Task] = set()
+
+
+async def start_run(
+    *,
+    user_id: uuid.UUID,
+    thread_id: uuid.UUID,
+    query: str,
+    answer: ModelStep,
+    request_id: str | None = None,
+    listen: bool = False,
+    awaited: bool = False,
+) -> Started:
+    """Take the thread and start its run in the background. Its events go to every reader of the thread, and to
+    the backlog of the caller when it listens. Raises before anything is written when the run cannot start
+    (see `open_run`).
+
+    A run its caller awaits (a blocking query) does its database work on the request's thread, as the request
+    would; any other goes on after its request and must not use its thread.
     """
+    started: asyncio.Future[Started] = asyncio.get_running_loop().create_future()
+    started.add_done_callback(_retrieved)
     # One task from taking the lease to saving the answer: a caller gone even while the lease is being taken
     # leaves a run that answers, not a lease nobody renews or releases.
-    task = asyncio.create_task(_blocking(user_id=user_id, thread_id=thread_id, query=query))
-    # Held until done: when the caller is gone, nothing else holds the run's task.
-    _BLOCKING.add(task)
-    task.add_done_callback(_forget)
-    return await asyncio.shield(task)
+    task = asyncio.create_task(
+        _open_and_execute(user_id, thread_id, query, answer, request_id, listen, awaited, started)
+    )
+    _RUNS.add(task)
+    task.add_done_callback(_RUNS.discard)
+    return await asyncio.shield(started)
 
 
-_BLOCKING: set[asyncio.Task] = set()
+async def _open_and_execute(
+    user_id: uuid.UUID,
+    thread_id: uuid.UUID,
+    query: str,
+    answer: ModelStep,
+    request_id: str | None,
+    listen: bool,
+    awaited: bool,
+    started: asyncio.Future[Started],
+) -> None:
+    try:
+        run = await open_run(user_id=user_id, thread_id=thread_id, query=query)
+    except asyncio.CancelledError:
+        started.cancel()
+        raise
+    except Exception as exc:
+        started.set_exception(exc)
+        return
+    structured = run.spec.structured
+    listener = Backlog(cumulative=structured, max_events=settings.STREAM_BACKLOG_EVENTS) if listen else None
+    broadcast = Broadcast(thread_id=thread_id, cumulative=structured, request_id=request_id, listener=listener)
+    finished: asyncio.Future[ApplicationError | None] = asyncio.get_running_loop().create_future()
+    finished.add_done_callback(_retrieved)
+    if not started.cancelled():
+        started.set_result(Started(run.turn, listener, finished))
+    if not awaited:
+        serve_outside_requests()
+    try:
+        finished.set_result(await execute(run, broadcast, answer))
+    finally:
+        if not finished.done():
+            finished.set_exception(RunInterrupted())
+    await broadcast.flushed()
 
 
-def _forget(task: asyncio.Task) -> None:
-    _BLOCKING.discard(task)
-    if not task.cancelled():
-        task.exception()  # retrieved: the caller that would have seen it may be gone, and the run reported it
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # the caller that would have raised it may be gone
 
 
-async def _blocking(*, user_id: uuid.UUID, thread_id: uuid.UUID, query: str) -> Turn:
-    run = await open_run(user_id=user_id, thread_id=thread_id, query=query)
-    broadcast = Broadcast(thread_id=run.start.thread.pk, cumulative=run.spec.structured)
+async def execute(run: Run, broadcast: Broadcast, answer: ModelStep) -> ApplicationError | None:
+    """Have the model answer, until it is done or the run is stopped, and save the answer: complete, incomplete
+    (cancelled) or failed. Every path, the server's shutdown included, ends with `done`; the run's failure, if
+    any, is sent as an `error` event before it and returned."""
+    progress = Progress()
+    failure: ApplicationError | None = None
     try:
         broadcast.emit(message_created(run))
         broadcast.emit(message_started(run))
-        keep(run)
+        keep(run, progress)
         try:
-            result = await until_stopped(
-                run,
-                run.spec.agent.run(run.query, message_history=run.start.history, deps=run.start.deps, model=run.model),
-            )
+            result = await until_stopped(run, answer(run, progress, broadcast))
         except asyncio.CancelledError:
             if run.local.stopped is None:
                 raise
-            await _stopped(run)
+            await close_run(
+                run,
+                progress,
+                status=Message.Status.INCOMPLETE,
+                content=progress.text,
+                output=progress.output,
+                cancelled=True,
+            )
         except Exception as exc:
-            error = model_failure(exc)
-            await close_run(run, status=Message.Status.FAILED, content="", output=None, error=error_info(error))
-            raise error from exc
+            failure = model_failure(exc)
+            await close_run(
+                run,
+                progress,
+                status=Message.Status.FAILED,
+                content=progress.text,
+                output=None,
+                error=error_info(failure),
+            )
         else:
-            await close_complete(run, result)
-        broadcast.emit(message_complete(run))
-    except Exception as exc:
-        # Whatever failed (saving the answer, most likely), readers must not get `done` alone.
-        broadcast.emit(error_event(as_application_error(exc), message_id=str(run.message_id)))
+            await close_run(
+                run,
+                progress,
+                status=Message.Status.COMPLETE,
+                content=final_content(run, result.output),
+                output=result.output,
+                model_messages=result.new_messages(),
+                usage=usage_metadata(result.usage),
+            )
+        if failure is None:
+            broadcast.emit(message_complete(run))
+    except asyncio.CancelledError:
+        # Stopped from outside (the server shutting down): the answer is left to be marked interrupted.
+        failure = RunInterrupted()
         raise
+    except Exception as exc:
+        failure = as_application_error(exc)
+        if not isinstance(exc, ApplicationError):
+            logger.exception("Could not save the answer of thread %s", run.start.thread.pk)
     finally:
-        # Released first: nothing a reader does with the last event can keep the thread busy.
+        # Released first: nothing a reader does with the last events can keep the thread busy.
         release(run)
+        if failure is not None:
+            broadcast.emit(error_event(failure, message_id=str(run.message_id)))
         broadcast.emit({"event": "done"})
-    return run.turn
+    return failure
 
 
-async def _stopped(run: Run) -> None:
-    """A cancelled blocking run has no partial answer to keep. One whose lease was lost no longer holds its
-    message: closing it raises what happened to it."""
-    await close_run(run, status=Message.Status.INCOMPLETE, content="", output=None, cancelled=True)
+async def run_blocking(*, user_id: uuid.UUID, thread_id: uuid.UUID, query: str) -> Turn:
+    """Answer `query` and return the saved exchange; a failure is saved, then raised.
+
+    The run goes on if the caller goes away: its answer is saved all the same.
+    """
+    started = await start_run(user_id=user_id, thread_id=thread_id, query=query, answer=_answer_whole, awaited=True)
+    if (failure := await asyncio.shield(started.finished)) is not None:
+        raise failure
+    return started.turn
+
+
+async def _answer_whole(run: Run, progress: Progress, broadcast: Broadcast) -> AgentRunResult[object]:
+    start = run.start
+    return await run.spec.agent.run(run.query, message_history=start.history, deps=start.deps, model=run.model)

@@ -51,3 +51,8 @@ def thread_state(*, thread_id: uuid.UUID, turns: int) -> ThreadState:
     stored = [row[4] for row in rows[:turns]]
     history = ModelMessagesTypeAdapter.validate_python(list(chain.from_iterable(reversed(stored))))
     return ThreadState(running, history)
+
+
+def run_answer_state(*, message_id: uuid.UUID) -> tuple[str, JSONObject] | None:
+    """The status and metadata saved for a run's answer, or None once it is gone with its thread."""
+    return Message.objects.filter(pk=message_id).values_list("status", "metadata").first()

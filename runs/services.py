@@ -159,10 +159,6 @@ def run_finish(
     return bool(updated)
 
 
-def run_message_exists(*, message_id: uuid.UUID) -> bool:
-    return Message.objects.filter(pk=message_id).exists()
-
-
 def runs_interrupt(*, thread_id: uuid.UUID | None = None) -> int:
     """Mark every run whose lease lapsed without its finish as failed (`run_interrupted`), keeping what it saved.
 

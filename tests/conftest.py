@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 from asgiref.sync import SyncToAsync
-from django.db import connections
+from django.db import OperationalError, connections
 from django.db.models.signals import pre_save
 from django.http import HttpResponse
 from django.test import Client, override_settings
@@ -12,6 +12,7 @@ from pydantic_ai import models
 from pydantic_ai.models.function import FunctionModel
 from rest_framework.test import APIClient
 
+import runs.runner
 from bank.models import DEMO_USER_ID, Customer
 from bank.seed import demo_customer_create
 from identity.authentication import _lookups as socket_credential_lookups
@@ -216,3 +217,20 @@ def admin_rename(staff: Client, thread: Thread, title: str, *, meanwhile: Callab
         return staff.post(f"/admin/threads/thread/{thread.pk}/change/", form)
     finally:
         pre_save.disconnect(run_meanwhile, sender=Thread)
+
+
+def saves_then_drops_the_connection(monkeypatch) -> list[bool]:
+    """Make the first save of an answer commit and then lose its connection, as a database that drops it right after
+    the commit does; returns what each save attempt found (True: it saved the answer)."""
+    monkeypatch.setattr(runs.runner, "SAVE_RETRY_DELAYS", (0,))
+    real_finish = runs.runner.run_finish
+    attempts: list[bool] = []
+
+    def committed_then_the_connection_dropped(**kwargs: object) -> bool:
+        attempts.append(saved := real_finish(**kwargs))
+        if len(attempts) == 1:
+            raise OperationalError("server closed the connection unexpectedly")
+        return saved
+
+    monkeypatch.setattr(runs.runner, "run_finish", committed_then_the_connection_dropped)
+    return attempts

@@ -35,7 +35,7 @@ from identity.models import APIKey
 from runs.hub import hub
 from runs.limits import slots
 from runs.services import runs_renew
-from tests.conftest import begin_run
+from tests.conftest import begin_run, saves_then_drops_the_connection
 from threads.models import Message, Thread
 
 THREADS = "/api/v1/threads"
@@ -1019,3 +1019,19 @@ def test_database_error_while_saving_the_answer_is_a_clean_json_error_and_the_qu
     lapse(answer)
     shown = client.get(f"{THREADS}/{thread.id}").json()["messages"][1]
     assert (shown["status"], shown["metadata"]["error"]["code"]) == ("failed", "run_interrupted")
+
+
+def test_an_answer_whose_save_committed_before_the_connection_failed_is_answered_not_interrupted(
+    client, make_thread, monkeypatch, free_slots
+):
+    """The retry after a lost connection finds the answer saved: the caller gets it, and asks nothing twice."""
+    attempts = saves_then_drops_the_connection(monkeypatch)
+    thread = make_thread()
+
+    response = ask(client, thread.id)
+
+    assert response.status_code == 200, response.content
+    assert response.json()["status"] == "complete"
+    assert attempts == [True, False]
+    answer = Message.objects.get(thread=thread, role="assistant")
+    assert (str(answer.pk), answer.status) == (response.json()["message_id"], "complete")

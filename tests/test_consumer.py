@@ -33,7 +33,7 @@ from identity import authentication, tickets
 from identity.models import APIKey, Profile
 from identity.services import login_ensure
 from runs import hub as hub_module
-from runs import pipeline
+from runs import runner
 from runs.hub import hub
 from runs.limits import slots
 from threads import consumers
@@ -146,7 +146,7 @@ def held_model(settings):
 async def no_run_left() -> bool:
     return (
         slots.taken == 0
-        and not pipeline._RUNS
+        and not runner._RUNS
         and not await Message.objects.filter(status=Message.Status.IN_PROGRESS).aexists()
     )
 

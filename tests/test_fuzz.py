@@ -98,11 +98,11 @@ def api_schema(credentials):
 
 def wait_for_runs() -> None:
     """Streamed runs go on after their response: let them save their answers before the database goes."""
-    from runs import pipeline
+    from runs import runner
 
     deadline = time.monotonic() + RUNS_TIMEOUT
-    while pipeline._RUNS:
-        assert time.monotonic() < deadline, f"runs still going after {RUNS_TIMEOUT} s: {pipeline._RUNS}"
+    while runner._RUNS:
+        assert time.monotonic() < deadline, f"runs still going after {RUNS_TIMEOUT} s: {runner._RUNS}"
         time.sleep(0.01)
 
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from bankagent.asgi import application
 from identity.models import APIKey
-from runs import pipeline
+from runs import runner
 from threads.models import Message, Thread
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -202,7 +202,7 @@ async def _no_run_left_behind(settings, transactional_db):
     """A channel layer of this test's own event loop; no run may outlive the test and write during the flush."""
     settings.CHANNEL_LAYERS = copy.deepcopy(settings.CHANNEL_LAYERS)  # Channels drops its cached layers
     yield
-    runs = set(pipeline._RUNS)
+    runs = set(runner._RUNS)
     if runs:
         _, pending = await asyncio.wait(runs, timeout=TIMEOUT)
         for run in pending:
@@ -229,7 +229,7 @@ def support_thread(demo_customer, user_id) -> Thread:
 
 async def runs_finished() -> None:
     """Wait until every run started so far has ended, its answer saved."""
-    if runs := set(pipeline._RUNS):
+    if runs := set(runner._RUNS):
         _, pending = await asyncio.wait(runs, timeout=TIMEOUT)
         assert not pending, "a run did not end"
 

@@ -22,13 +22,12 @@ from pydantic_core import to_jsonable_python
 
 import runs.services
 from bankagent.exceptions import NotFound, ThreadBusy
-from runs.selectors import Running, ThreadState, thread_state
+from runs.selectors import Running, ThreadState, run_answer_state, thread_state
 from runs.services import (
     INTERRUPTED,
     RunStart,
     run_begin,
     run_finish,
-    run_message_exists,
     runs_interrupt,
     runs_renew,
 )
@@ -382,7 +381,7 @@ def test_runs_renew_renews_many_runs_in_one_transaction_and_names_the_ones_that_
     assert (fetch(messages[0]).content, fetch(messages[2]).content) == ("Once", "")
 
 
-# run_finish, run_message_exists
+# run_finish, run_answer_state
 
 
 def test_run_finish_fills_the_answer_and_releases_the_lease(make_thread):
@@ -445,16 +444,16 @@ def test_run_finish_after_the_thread_was_deleted_is_false_and_writes_nothing(mak
     thread.delete()
 
     assert finish(message, content="late") is False
-    assert run_message_exists(message_id=message.pk) is False
+    assert run_answer_state(message_id=message.pk) is None
     assert not Message.objects.exists()
 
 
-def test_run_message_exists_while_the_answer_is_kept(make_thread):
+def test_run_answer_state_is_the_saved_status_and_metadata(make_thread):
     message = begin(make_thread()).assistant_message
 
-    assert run_message_exists(message_id=message.pk) is True
+    assert run_answer_state(message_id=message.pk) == ("in_progress", {"model": "test"})
     finish(message)
-    assert run_message_exists(message_id=message.pk) is True
+    assert run_answer_state(message_id=message.pk) == ("complete", {"model": "test"})
 
 
 # runs_interrupt

@@ -6,12 +6,13 @@ import inspect
 import json
 import threading
 import uuid
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
 from asgiref.sync import async_to_sync
-from django.db import DatabaseError
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 from pydantic_ai.exceptions import ModelHTTPError
 from pydantic_ai.messages import (
@@ -22,18 +23,20 @@ from pydantic_ai.messages import (
     ToolReturnPart,
     UserPromptPart,
 )
-from pydantic_ai.models.function import AgentInfo
+from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 import runs.keeper
 import runs.runner
 from bankagent.db import db
-from bankagent.exceptions import ModelError, ModelNotConfigured, RunInterrupted
+from bankagent.exceptions import ApplicationError, ModelError, ModelNotConfigured, RunInterrupted
 from runs.broadcast import Broadcast
 from runs.hub import LocalRun, hub
 from runs.limits import slots
-from runs.runner import Turn, run_blocking, until_stopped
+from runs.pipeline import stream_answer
+from runs.runner import Turn, run_blocking, start_run, until_stopped
 from runs.selectors import thread_state
 from runs.services import RunStart, runs_interrupt
+from tests.conftest import saves_then_drops_the_connection
 from threads.models import Message, Thread
 
 ADVICE = {"support_advice": "Your balance is $1,123.45.", "block_card": False, "risk_level": 1, "follow_up_actions": []}
@@ -259,9 +262,10 @@ def test_blocking_run_whose_answer_cannot_be_saved_broadcasts_error_then_done(
 
     monkeypatch.setattr(runs.runner, "run_finish", broken_finish)
 
-    with pytest.raises(DatabaseError):
+    with pytest.raises(ApplicationError) as raised:
         run(make_thread(agent_type="general_chat"), "Hi")
 
+    assert raised.value.code == "internal_error"
     assert [event["event"] for event in broadcast_events] == ["message_created", "message_started", "error", "done"]
     assert broadcast_events[2]["error_type"] == "internal_error"
 
@@ -303,22 +307,22 @@ def test_blocking_run_goes_on_and_saves_its_answer_when_its_caller_goes_away(mak
 
     use_model(slow)
 
-    async def caller_goes_away() -> Turn:
+    async def caller_goes_away() -> None:
         model_started.append(asyncio.Event())
         model_may_answer.append(asyncio.Event())
         caller = asyncio.create_task(run_blocking(user_id=thread.user_id, thread_id=thread.pk, query="Hi"))
         await model_started[0].wait()
-        the_run = next(task for task in asyncio.all_tasks() if task.get_coro().__name__ == "_blocking")
+        the_run = next(task for task in asyncio.all_tasks() if task.get_coro().__name__ == "_open_and_execute")
         caller.cancel()
         with pytest.raises(asyncio.CancelledError):
             await caller
         model_may_answer[0].set()
         async with asyncio.timeout(30):
-            return await the_run
+            await the_run
 
-    turn = async_to_sync(caller_goes_away)()
+    async_to_sync(caller_goes_away)()
 
-    answer = Message.objects.get(pk=turn.assistant_message.pk)
+    answer = Message.objects.get(thread=thread, role="assistant")
     assert (answer.status, answer.content) == ("complete", "Still answered")
 
 
@@ -338,21 +342,21 @@ def test_blocking_run_answers_when_its_caller_goes_away_while_the_lease_is_being
 
     monkeypatch.setattr(runs.runner, "run_begin", begin_once_allowed)
 
-    async def caller_goes_away() -> Turn:
+    async def caller_goes_away() -> None:
         taking.append((asyncio.get_running_loop(), asyncio.Event()))
         caller = asyncio.create_task(run_blocking(user_id=thread.user_id, thread_id=thread.pk, query="Hi"))
         await taking[0][1].wait()
-        the_run = next(task for task in asyncio.all_tasks() if task.get_coro().__name__ == "_blocking")
+        the_run = next(task for task in asyncio.all_tasks() if task.get_coro().__name__ == "_open_and_execute")
         caller.cancel()
         may_take.set()
         with pytest.raises(asyncio.CancelledError):
             await caller
         async with asyncio.timeout(30):
-            return await the_run
+            await the_run
 
-    turn = async_to_sync(caller_goes_away)()
+    async_to_sync(caller_goes_away)()
 
-    answer = Message.objects.get(pk=turn.assistant_message.pk)
+    answer = Message.objects.get(thread=thread, role="assistant")
     assert (answer.status, answer.content, answer.lease_expires_at) == ("complete", "Answered all the same", None)
 
 
@@ -365,6 +369,7 @@ def test_blocking_run_whose_lease_is_lost_is_stopped_and_raises_run_interrupted(
     monkeypatch.setattr(runs.runner, "ensure_sweeper", lambda: None)  # the sweep has tests of its own
     thread = make_thread(agent_type="general_chat")
 
+    @transaction.atomic  # the keeper renews on a connection of its own: not between these two
     def interrupt_this_run() -> None:
         # As the sweep does once the run's lease has lapsed (its process looked dead).
         lapsed = timezone.now() - timedelta(seconds=1)
@@ -447,3 +452,70 @@ def test_run_stopped_before_its_model_turn_never_starts_the_model():
 
     assert started == []
     assert inspect.getcoroutinestate(call) == inspect.CORO_CLOSED  # closed, not left to warn "never awaited"
+
+
+# One lifecycle, blocking or streamed
+
+
+@pytest.mark.parametrize("answer", [runs.runner._answer_whole, stream_answer], ids=["blocking", "streamed"])
+def test_a_run_stopped_by_the_servers_shutdown_ends_with_run_interrupted_then_done(
+    make_thread, settings, broadcast_events, free_slots, answer
+):
+    async def never_answers(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def never_streams(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        await asyncio.Event().wait()
+        yield "unreachable"
+
+    settings.AGENT_MODEL = FunctionModel(never_answers, stream_function=never_streams)
+    thread = make_thread(agent_type="general_chat")
+
+    async def shut_down_mid_answer() -> None:
+        started = await start_run(user_id=thread.user_id, thread_id=thread.pk, query="Hi", answer=answer, awaited=True)
+        (the_run,) = runs.runner._RUNS
+        while not any(event["event"] == "message_started" for event in broadcast_events):
+            await asyncio.sleep(0)
+        the_run.cancel()  # as the event loop's end cancels every task left
+        with pytest.raises(asyncio.CancelledError):
+            await the_run
+        with pytest.raises(RunInterrupted):
+            await started.finished
+
+    async_to_sync(shut_down_mid_answer)()
+
+    names = [event["event"] for event in broadcast_events]
+    assert names == ["message_created", "message_started", "error", "done"]
+    assert broadcast_events[2]["error_type"] == "run_interrupted"
+    # Left to be marked interrupted once its lease lapses, as when the process dies.
+    assert Message.objects.get(thread=thread, role="assistant").status == "in_progress"
+
+
+@pytest.mark.parametrize("answer", [runs.runner._answer_whole, stream_answer], ids=["blocking", "streamed"])
+def test_an_answer_saved_before_its_connection_failed_is_the_answer_not_an_interruption(
+    make_thread, settings, broadcast_events, monkeypatch, free_slots, answer
+):
+    async def saved_once(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        yield "Saved once"
+
+    settings.AGENT_MODEL = FunctionModel(
+        lambda messages, info: ModelResponse(parts=[TextPart("Saved once")]), stream_function=saved_once
+    )
+    attempts = saves_then_drops_the_connection(monkeypatch)
+    thread = make_thread(agent_type="general_chat")
+
+    async def ask() -> ApplicationError | None:
+        started = await start_run(user_id=thread.user_id, thread_id=thread.pk, query="Hi", answer=answer, awaited=True)
+        return await started.finished
+
+    assert async_to_sync(ask)() is None
+
+    assert attempts == [True, False]  # the retry found the answer saved
+    names = [event["event"] for event in broadcast_events]
+    assert names[:2] == ["message_created", "message_started"] and names[-2:] == ["message_complete", "done"]
+    assert "error" not in names
+    assert list(Message.objects.filter(thread=thread).values_list("role", "status", "content")) == [
+        ("user", "complete", "Hi"),
+        ("assistant", "complete", "Saved once"),
+    ]

@@ -34,7 +34,7 @@ from pydantic_ai.settings import ModelSettings
 from agents.demo import build_demo_model
 from bankagent.asgi import application
 from identity.models import APIKey
-from runs import keeper, pipeline, runner
+from runs import keeper, runner
 from runs.broadcast import Broadcast
 from tests.conftest import begin_run
 from threads.models import Message, Thread
@@ -76,7 +76,7 @@ def _renewals_only_where_tested(settings):
 
 
 class RunTasks(set):
-    """`runs.pipeline._RUNS`, remembering every run task it was given."""
+    """`runs.runner._RUNS`, remembering every run task it was given."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -93,7 +93,7 @@ async def _no_run_left_behind(settings, transactional_db, monkeypatch):
     none may end in an error (every failure is the readers' `error` event, not the run task's exception)."""
     settings.CHANNEL_LAYERS = copy.deepcopy(settings.CHANNEL_LAYERS)  # Channels drops its cached layers
     runs = RunTasks()
-    monkeypatch.setattr(pipeline, "_RUNS", runs)
+    monkeypatch.setattr(runner, "_RUNS", runs)
     yield
     # A run saves its answer, sends its last events and gives back its slot inside its task.
     if going := [run for run in runs.started if not run.done()]:
@@ -337,7 +337,7 @@ async def runs_finished() -> None:
     writes: SQLite's shared in-memory test database refuses such a write at once ("database table is locked")
     instead of letting it wait its turn as the WAL file database of a server does.
     """
-    if runs := set(pipeline._RUNS):
+    if runs := set(runner._RUNS):
         _, pending = await asyncio.wait(runs, timeout=TIMEOUT)
         assert not pending, "a run did not end"
 
@@ -589,11 +589,13 @@ async def test_crashed_run_keeps_its_checkpoint_until_its_lease_lapses_then_the_
             await asyncio.sleep(POLL)
 
     # The process dies: its run task stops where it stands, saving nothing more.
-    (run,) = pipeline._RUNS
+    (run,) = runner._RUNS
     run.cancel()
     await asyncio.wait({run})
     await communicator.send_input({"type": "http.disconnect"})
     await communicator.wait(timeout=TIMEOUT)
+    # A renewal already under way on the keeper's own thread ends before the lease is made to lapse.
+    await asyncio.get_running_loop().run_in_executor(keeper.keeper_db.executor, lambda: None)
 
     crashed = await message(answer_id)
     assert (crashed.status, crashed.content) == ("in_progress", partial)
