@@ -7,7 +7,7 @@ for want of a counter.
 import logging
 import math
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from django.conf import settings
 from django.core.cache.backends.locmem import LocMemCache
@@ -25,14 +25,23 @@ logger = logging.getLogger(__name__)
 
 PROCESS_COUNTS = LocMemCache("throttles", {"OPTIONS": {"MAX_ENTRIES": 100_000}})
 """Where this process counts while the shared cache is down."""
+SHARED_COUNTS_RETRY_SECONDS = 5.0
+"""Once Redis has failed, how long the process counts on its own before asking Redis again: a Redis that does not
+answer would otherwise hold every request for its timeout."""
 
 
 class PrincipalRateThrottle(SimpleRateThrottle):
+    shared_counts_down_until: ClassVar[float] = 0.0
+
     def allow_request(self, request: Request, view: "APIView | None") -> bool:
+        if self.timer() < PrincipalRateThrottle.shared_counts_down_until:
+            self.cache = PROCESS_COUNTS
+            return super().allow_request(request, view)
         try:
             return super().allow_request(request, view)
         except RedisError as exc:
             logger.warning("Counting %s in this process: Redis is unavailable (%s)", self.scope, exc)
+            PrincipalRateThrottle.shared_counts_down_until = self.timer() + SHARED_COUNTS_RETRY_SECONDS
             self.cache = PROCESS_COUNTS
             return super().allow_request(request, view)
 

@@ -10,7 +10,7 @@ from django.test import Client
 from rest_framework.test import APIClient
 
 from bankagent.settings import _throttle_rates
-from bankagent.throttling import PROCESS_COUNTS, PrincipalRateThrottle
+from bankagent.throttling import PROCESS_COUNTS, SHARED_COUNTS_RETRY_SECONDS, PrincipalRateThrottle
 from identity.models import APIKey, Profile
 from identity.services import login_ensure
 from threads.models import Message, Thread
@@ -34,6 +34,7 @@ def _counts_start_at_zero():
     yield
     cache.clear()
     PROCESS_COUNTS.clear()
+    PrincipalRateThrottle.shared_counts_down_until = 0.0
 
 
 @pytest.fixture(autouse=True)
@@ -247,3 +248,22 @@ def test_while_redis_is_down_runs_are_answered(settings, client, make_thread, re
 
     assert response.status_code == 200, response.content
     assert response.json()["status"] == "complete"
+
+
+def test_while_redis_does_not_answer_requests_count_in_the_process_without_asking_it_each_time(
+    settings, user_id, silent_redis, redis_cache_down, clock
+):
+    settings.THROTTLE_RATES = {"key": "3/min"}
+    api = keyed(user_id)
+    redis_cache_down(silent_redis.url)
+
+    assert api.get(THREADS).status_code == 200  # after the first call to Redis timed out
+    offered = silent_redis.connections
+    assert api.get(THREADS).status_code == 200
+    assert api.get(THREADS).status_code == 200
+    assert_throttled(api.get(THREADS))
+
+    assert offered >= 1 and silent_redis.connections == offered  # nobody waited on Redis again
+    clock.now += SHARED_COUNTS_RETRY_SECONDS
+    api.get(THREADS)
+    assert silent_redis.connections > offered  # asked again once the pause is over
