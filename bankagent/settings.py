@@ -152,19 +152,25 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(Path(tempfile.gettempdir()) / f"bankagent-test-{os.getpid()}.sqlite3")}
 
 REDIS_URL = env.str("REDIS_URL", default="")
+# Every connection to Redis, pub/sub included, gives up on connecting after 1 s and on an answer after 2 s: a Redis
+# that is down, or accepts connections and never answers, fails calls instead of holding them. (A subscriber's wait
+# for messages has a timeout of its own and is not cut short.)
+REDIS_TIMEOUTS = {"socket_connect_timeout": 1, "socket_timeout": 2}
 if REDIS_URL:
     # Redis pub/sub carries a run's events and cancels between processes: one PUBLISH a batch, no queues to expire
     # or overflow. Each process subscribes once for all its sockets (runs.hub), so nothing waits in Redis.
     CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [{"address": REDIS_URL, **REDIS_TIMEOUTS}]},
+        }
     }
+    # While the cache is down, throttles count per process and ticket requests answer 503.
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
-            # An unreachable Redis fails fast instead of holding requests: throttles then count per process and
-            # ticket requests answer 503.
-            "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 2},
+            "OPTIONS": REDIS_TIMEOUTS,
         }
     }
 else:

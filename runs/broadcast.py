@@ -29,11 +29,13 @@ class Broadcast:
         self,
         *,
         thread_id: uuid.UUID,
+        run: int,
         cumulative: bool,
         request_id: str | None = None,
         listener: Backlog | None = None,
     ) -> None:
         self.thread_id = thread_id
+        self.run = run
         self.request_id = request_id
         self.listener = listener
         self.pending = Backlog(cumulative=cumulative, max_events=PUBLISH_BACKLOG)
@@ -53,7 +55,7 @@ class Broadcast:
             except BacklogFull:
                 # The caller stopped reading; the run and every other reader go on without it.
                 self.listener = None
-        self.hub.deliver(self.thread_id, [event])
+        self.hub.deliver(self.thread_id, self.run, [event])
         if self.pending.overflowed:
             return  # said once, below
         try:
@@ -71,7 +73,7 @@ class Broadcast:
             except BacklogFull:
                 return
             try:
-                await self.hub.publish_elsewhere(self.thread_id, batch)
+                await self.hub.publish_elsewhere(self.thread_id, self.run, batch)
             except Exception:
                 # Readers here have had the batch; readers in other processes miss it.
                 logger.warning("Could not publish events of thread %s", self.thread_id, exc_info=True)

@@ -80,12 +80,10 @@ async def open_run(*, user_id: uuid.UUID, thread_id: uuid.UUID, query: str) -> R
     is not configured, the process is at its bound of runs, or the thread is missing or busy."""
     received_at = time.monotonic()
     model = agent_model()
+    # Before the slot: nothing is held while the channel layer answers (or, for a while, does not).
+    await hub().listen_for_cancels()
     slots.take()
     try:
-        try:
-            await hub().listen_for_cancels()
-        except Exception:
-            logger.warning("Cancels sent through other processes cannot reach a run on %s", thread_id, exc_info=True)
         with model_turns().admission():
             start = await db(run_begin)(
                 thread_id=thread_id,
@@ -299,7 +297,13 @@ async def _open_and_execute(
         return
     structured = run.spec.structured
     listener = Backlog(cumulative=structured, max_events=settings.STREAM_BACKLOG_EVENTS) if listen else None
-    broadcast = Broadcast(thread_id=thread_id, cumulative=structured, request_id=request_id, listener=listener)
+    broadcast = Broadcast(
+        thread_id=thread_id,
+        run=run.start.assistant_message.seq,
+        cumulative=structured,
+        request_id=request_id,
+        listener=listener,
+    )
     finished: asyncio.Future[ApplicationError | None] = asyncio.get_running_loop().create_future()
     finished.add_done_callback(_retrieved)
     if not started.cancelled():

@@ -1,9 +1,15 @@
+import asyncio
+import contextlib
+import socket
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 from asgiref.sync import SyncToAsync
+from channels_redis.pubsub import RedisPubSubChannelLayer
+from django.conf import settings
 from django.db import OperationalError, connections
 from django.db.models.signals import pre_save
 from django.http import HttpResponse
@@ -19,6 +25,7 @@ from identity.authentication import _lookups as socket_credential_lookups
 from identity.authentication import _open as open_socket_credentials
 from identity.authentication import _recent as recent_keys
 from identity.models import APIKey
+from runs.hub import Hub
 from runs.keeper import keeper_db
 from runs.services import RunStart, run_begin, run_finish
 from threads.models import Message, Thread
@@ -71,20 +78,55 @@ def _close_worker_thread_connections():
 
 @pytest.fixture
 def redis_cache_down():
-    """Call it to make the cache Redis, unreachable (nothing listens on port 1), until the test ends."""
-    down = override_settings(
-        CACHES={
-            "default": {
-                "BACKEND": "django.core.cache.backends.redis.RedisCache",
-                "LOCATION": "redis://127.0.0.1:1/0",
-                "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
-            }
-        }
-    )
+    """Call it to make the cache a Redis that is down (nothing listens on port 1), or the Redis at the URL given, until
+    the test ends."""
     enabled = []
-    yield lambda: enabled.append(down.enable())
-    if enabled:
-        down.disable()
+
+    def down(url: str = "redis://127.0.0.1:1/0") -> None:
+        cache_settings = {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": url}
+        override = override_settings(CACHES={"default": cache_settings | {"OPTIONS": settings.REDIS_TIMEOUTS}})
+        override.enable()
+        enabled.append(override)
+
+    yield down
+    for override in enabled:
+        override.disable()
+
+
+class SilentServer:
+    """A server that accepts connections and never answers, as a Redis does in a brown-out (not one that is down,
+    which refuses them): what is sent to it waits for ever. It counts the connections it was offered."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
+
+    @property
+    def connections(self) -> int:
+        return len(self.held)
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # closed: the test is over
+            while True:
+                self.held.append(self.listener.accept()[0])
+
+    def close(self) -> None:
+        self.listener.close()
+        for held in self.held:
+            held.close()
+
+
+@pytest.fixture
+def silent_redis() -> Iterator[SilentServer]:
+    server = SilentServer()
+    yield server
+    server.close()
 
 
 @pytest.fixture
@@ -234,3 +276,20 @@ def saves_then_drops_the_connection(monkeypatch) -> list[bool]:
 
     monkeypatch.setattr(runs.runner, "run_finish", committed_then_the_connection_dropped)
     return attempts
+
+
+def pubsub_layer(url: str) -> RedisPubSubChannelLayer:
+    """A Redis pub/sub channel layer of its own (its own connections), as one server process has."""
+    return RedisPubSubChannelLayer(hosts=[{"address": url, **settings.REDIS_TIMEOUTS}])
+
+
+async def close_hubs(*hubs: Hub) -> None:
+    """Stop the hubs' background tasks and close their channel layers' connections."""
+    for hub in hubs:
+        for task in (hub.listener, hub._joining_cancels, hub._creating_inbox):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(hub.layer.flush(), 10)
