@@ -70,6 +70,7 @@ def _stop_when_exited(exited: int | None) -> None:
     # What the master would send: granian's worker closes its connections and its event loop ends.
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(WORKERS_KILL_TIMEOUT)
+    logger.error("Worker %s did not stop in %d s: killing it", os.getpid(), WORKERS_KILL_TIMEOUT)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
