@@ -8,7 +8,9 @@ Scenarios (each against a freshly started server, on a fresh database):
 - query, stream, create: blocking queries, NDJSON streams and thread creation at 1, 10 and 50 clients, each
   client on its own keep-alive connection, a new thread every 5 turns;
 - mixed: 100 clients each asking a blocking query and then reading its thread, demo model at its chunk pause;
-- sockets: 1,000 websockets, each sending one query at the same moment; every stream is checked for order.
+- sockets: 1,000 websockets, each sending one query at the same moment; every stream is checked for order;
+- burst: 8 queries at once on a fresh thread (blocking and streamed), 30 rounds: one run per thread, the rest 409
+  (not run unless asked for: `--only burst`).
 
 It prints req/s, p50/p99 latency, first-event p50/p99 (streams), errors and the servers' peak RSS, and appends
 each result with the commit to bench/results.jsonl.
@@ -30,7 +32,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -550,7 +552,49 @@ async def scenario_sockets(server: Server, key: str, clients: int, requests: int
     return result
 
 
+BURST_QUESTION = "Write me a poem about my card"
+"""A long answer (a few seconds with the demo model's pause): every query of a round arrives while it is written."""
+
+
+async def scenario_burst(server: Server, key: str, clients: int, requests: int) -> Result:
+    """A double-click, two tabs, a client's retry: `clients` queries at once on a fresh thread, blocking queries and
+    NDJSON streams mixed, `requests` rounds. One run per thread means one 200 a round and the others 409; the
+    database is read afterwards for runs of one thread that overlapped (one began before the other's answer was
+    saved)."""
+    from threads.models import Message
+
+    connections = [Connection(server.port, key) for _ in range(clients)]
+    result = Result("burst", clients, requests)
+    statuses: Counter = Counter()
+    threads = await create_threads(requests)
+
+    async def ask(number: int, thread_id: str) -> int:
+        path = "/api/v1/agent/stream" if number % 2 else "/api/v1/agent/query"
+        sent = time.perf_counter()
+        reply = await connections[number].request("POST", path, {"thread_id": thread_id, "query": BURST_QUESTION})
+        result.latencies.append(time.perf_counter() - sent)
+        return reply.status
+
+    started = time.perf_counter()
+    for thread_id in threads:
+        statuses.update(await asyncio.gather(*(ask(number, thread_id) for number in range(clients))))
+    result.seconds = time.perf_counter() - started
+    for connection in connections:
+        connection.close()
+    overlapping = []
+    for thread_id in threads:
+        answers = list(Message.objects.filter(thread_id=thread_id, role="assistant").order_by("seq"))
+        ends = [answer.created_at + timedelta(milliseconds=answer.metadata.get("duration_ms", 0)) for answer in answers]
+        overlapping.append(1 + sum(later.created_at < end for later, end in zip(answers[1:], ends, strict=False)))
+    result.errors.update(f"HTTP {status}" for status in statuses.elements() if status not in (200, 409))
+    result.notes["statuses"] = {str(status): count for status, count in sorted(statuses.items())}
+    result.notes["rounds_with_overlapping_runs"] = sum(count > 1 for count in overlapping)
+    result.notes["most_runs_at_once"] = max(overlapping)
+    return result
+
+
 SCENARIOS = {
+    "burst": scenario_burst,
     "query": scenario_query,
     "stream": scenario_stream,
     "create": scenario_create,
@@ -581,6 +625,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, int, int, int]]:
             steps.append((name, args.clients[0] if args.clients_given else 100, args.requests or 1000, 15))
         elif name == "sockets":
             steps.append((name, args.clients[0] if args.clients_given else 1000, 0, 15))
+        elif name == "burst":
+            steps.append((name, args.clients[0] if args.clients_given else 8, args.requests or 30, 25))
         else:
             for clients in args.clients:
                 requests = args.requests or {1: 300, 10: 600}.get(clients, 1000)
@@ -600,7 +646,10 @@ def print_row(summary: dict[str, object]) -> None:
         f"errors {summary['errors']:>4}  peak RSS {summary['peak_rss_mib']} MiB"
         + "".join(
             f"  {k} {summary[k]}"
-            for k in ("server_cpu_ms_per_op", "busiest_process_share", "queries_s", "complete_in_order", "all_done_s")
+            for k in (
+                *("server_cpu_ms_per_op", "busiest_process_share", "queries_s", "complete_in_order", "all_done_s"),
+                *("statuses", "rounds_with_overlapping_runs", "most_runs_at_once"),
+            )
             if k in summary
         ),
         flush=True,
