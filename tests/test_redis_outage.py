@@ -226,19 +226,21 @@ def served(redis, tmp_path, transactional_db) -> Iterator[LiveServer]:
     server.stop()
 
 
-def handshake(server: LiveServer, thread: Thread, caller: Caller) -> tuple[list[dict], int | None]:
-    """The events a new socket gets before it closes, and its close code (None: it stayed open)."""
+def refused(server: LiveServer, thread: Thread, caller: Caller) -> tuple[list[dict], int]:
+    """The events a new socket gets before the server closes it, and its close code."""
     events: list[dict] = []
     with connect(server.ws_url(thread), additional_headers=caller.headers, proxy=None) as ws:
-        with contextlib.suppress(ConnectionClosed):
-            ws.send(json.dumps({"type": "ping"}))
         try:
             while True:
                 events.append(json.loads(ws.recv(timeout=HANG_GUARD)))
-                if events[-1]["event"] == "pong":
-                    return events, None
         except ConnectionClosed as closed:
             return events, closed.rcvd.code if closed.rcvd else 1006
+
+
+def pong(server: LiveServer, thread: Thread, caller: Caller) -> dict:
+    with connect(server.ws_url(thread), additional_headers=caller.headers, proxy=None) as ws:
+        ws.send(json.dumps({"type": "ping"}))
+        return json.loads(ws.recv(timeout=HANG_GUARD))
 
 
 def thread_only(thread: Thread) -> dict:
@@ -273,7 +275,7 @@ def test_a_live_server_on_a_redis_that_hangs_answers_every_call_in_time_and_reco
         )
         # A thread this process hears already needs no Redis to be watched; another does.
         unwatched = Thread.objects.create(user_id=caller.user_id, agent_type="general_chat")
-        refused, refused_code = handshake(served, unwatched, caller)
+        refusal, refused_code = refused(served, unwatched, caller)
         opened_before.send(json.dumps({"type": "cancel"}))
         cancel_error = next_error(opened_before)  # after the events of the runs above
         opened_before.send(json.dumps({"type": "query", "query": "Still there?"}))
@@ -288,7 +290,7 @@ def test_a_live_server_on_a_redis_that_hangs_answers_every_call_in_time_and_reco
     assert [json.loads(line)["event"] for line in streamed.body.splitlines()][-2:] == ["message_complete", "done"]
     assert ticket.status == 503 and json.loads(ticket.body)["error"]["code"] == "service_unavailable"
     assert refused_code == 1013
-    assert [(event["event"], event["error_type"]) for event in refused] == [("error", "service_unavailable")]
+    assert [(event["event"], event["error_type"]) for event in refusal] == [("error", "service_unavailable")]
     assert (cancel_error["event"], cancel_error["error_type"]) == ("error", "service_unavailable")
     assert [event["event"] for event in own_run][-2:] == ["message_complete", "done"]
 
@@ -296,7 +298,7 @@ def test_a_live_server_on_a_redis_that_hangs_answers_every_call_in_time_and_reco
     while request(served.port, "GET", "/api/v1/health").status != 200:
         assert time.monotonic() < deadline, served.log_tail()
         time.sleep(0.1)
-    assert handshake(served, unwatched, caller) == ([{"event": "pong"}], None)
+    assert pong(served, unwatched, caller) == {"event": "pong"}
     with connect(served.ws_url(caller_thread), additional_headers=caller.headers, proxy=None) as ws:
         ws.send(json.dumps({"type": "cancel"}))  # nothing runs: nothing happens, no error
         ws.send(json.dumps({"type": "ping"}))
