@@ -23,6 +23,7 @@ from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models import Model
 from pydantic_ai.usage import RunUsage
 from pydantic_core import to_jsonable_python
+from rest_framework.exceptions import APIException
 
 from agents.llm import agent_model, model_failure, model_label
 from agents.registry import AgentSpec, agent_spec
@@ -240,7 +241,7 @@ class Started:
 
     turn: Turn
     listener: Backlog | None
-    finished: asyncio.Future[ApplicationError | None]
+    finished: asyncio.Future[APIException | None]
     """The error the run ended with, if any, once its answer is saved (or could not be)."""
 
 
@@ -304,7 +305,7 @@ async def _open_and_execute(
         request_id=request_id,
         listener=listener,
     )
-    finished: asyncio.Future[ApplicationError | None] = asyncio.get_running_loop().create_future()
+    finished: asyncio.Future[APIException | None] = asyncio.get_running_loop().create_future()
     finished.add_done_callback(_retrieved)
     if not started.cancelled():
         started.set_result(Started(run.turn, listener, finished))
@@ -323,12 +324,12 @@ def _retrieved(future: asyncio.Future) -> None:
         future.exception()  # the caller that would have raised it may be gone
 
 
-async def execute(run: Run, broadcast: Broadcast, answer: ModelStep) -> ApplicationError | None:
+async def execute(run: Run, broadcast: Broadcast, answer: ModelStep) -> APIException | None:
     """Have the model answer, until it is done or the run is stopped, and save the answer: complete, incomplete
     (cancelled) or failed. Every path, the server's shutdown included, ends with `done`; the run's failure, if
     any, is sent as an `error` event before it and returned."""
     progress = Progress()
-    failure: ApplicationError | None = None
+    failure: APIException | None = None
     try:
         broadcast.emit(message_created(run))
         broadcast.emit(message_started(run))
