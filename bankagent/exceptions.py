@@ -111,6 +111,16 @@ class NotFound(ApplicationError):
     default_detail = "Not found."
 
 
+class InvalidResume(ApplicationError):
+    status_code, default_code = 400, "invalid_resume"
+    default_detail = "after must be a whole number of at least 0: the seq of the last event received."
+
+
+class ResumeExpired(ApplicationError):
+    status_code, default_code = 410, "resume_expired"
+    default_detail = "The events of this answer are no longer kept: read the thread again."
+
+
 class ThreadBusy(ApplicationError):
     status_code, default_code = 409, "thread_busy"
     default_detail = "An answer is already being generated on this thread."

@@ -182,8 +182,17 @@ OUTPUT = {
 }
 
 
+SEQ = {
+    "type": "integer",
+    "minimum": 1,
+    "description": "The event's place in its answer's events: 1, 2, 3 … (`after` of a resume). A delta that stands "
+    "for several, merged for a reader that fell behind, carries the last one's.",
+}
+RUN_ID = {**UUID, "description": "The answer the run writes."}
+
+
 def _event(name: str, description: str, required: dict | None = None, optional: dict | None = None) -> dict:
-    required = required or {}
+    required = {"message_id": RUN_ID, "seq": SEQ, **(required or {})}
     return {
         "type": "object",
         "description": description,
@@ -194,7 +203,6 @@ def _event(name: str, description: str, required: dict | None = None, optional: 
 
 
 DELTA = {
-    "message_id": UUID,
     "token": {
         "type": "string",
         "description": "Structured agents: the JSON text of the validated partial output so far, holding only the "
@@ -213,16 +221,13 @@ EVENTS = {
             }
         },
     ),
-    "MessageStartedEvent": _event(
-        "message_started", "The answer is being written: its message id.", {"message_id": UUID}
-    ),
+    "MessageStartedEvent": _event("message_started", "The answer is being written."),
     "TextDeltaEvent": _event("text_delta", "The answer grew.", DELTA),
     "TokenEvent": _event("token", "`text_delta` as the legacy dialect (keys with `--events legacy`) names it.", DELTA),
     "ToolCallEvent": _event(
         "tool_call",
         "The agent looks something up (not sent in the legacy dialect).",
         {
-            "message_id": UUID,
             "tool_call": {
                 "type": "object",
                 "required": ["name", "args"],
@@ -234,7 +239,6 @@ EVENTS = {
         "tool_result",
         "What the lookup returned (not sent in the legacy dialect).",
         {
-            "message_id": UUID,
             "tool_result": {
                 "type": "object",
                 "required": ["name", "content"],
@@ -246,7 +250,6 @@ EVENTS = {
         "message_complete",
         "The answer is saved: `complete`, or `incomplete` when it was cancelled (what was written so far is kept).",
         {
-            "message_id": UUID,
             "status": {"type": "string", "enum": ["complete", "incomplete"]},
             "content": {"type": "string", "description": "As the message's `content`."},
             "output": OUTPUT,
@@ -258,7 +261,7 @@ EVENTS = {
         "the HTTP error would carry: `model_error`, `model_timeout`, `model_unavailable`, `model_not_configured`, "
         "`run_interrupted`, `not_found` (the thread was deleted meanwhile), `internal_error`.",
         {"error": {"type": "string"}, "error_type": {"type": "string"}},
-        {"message_id": UUID, "details": {"type": "object"}},
+        {"details": {"type": "object"}},
     ),
     "DoneEvent": _event("done", "The last event of every run."),
 }
@@ -414,47 +417,37 @@ AGENT_QUERY_EXAMPLES = [
 ]
 AGENT_STREAM_EXAMPLES = [OpenApiExample("Balance", _QUERY, request_only=True)]
 STREAM_EVENT_EXAMPLES = [
-    OpenApiExample(name, value, response_only=True)
-    for name, value in [
-        (
-            "message_created",
-            {
-                "event": "message_created",
-                "message": {"id": "e86e973b-0083-4929-b208-84427c17b33e", "role": "user", "content": _QUERY["query"]},
-            },
-        ),
-        ("message_started", {"event": "message_started", "message_id": _ASSISTANT_ID}),
-        (
-            "tool_call",
-            {
-                "event": "tool_call",
-                "message_id": _ASSISTANT_ID,
-                "tool_call": {"name": "customer_balance", "args": {"include_pending": False}},
-            },
-        ),
-        (
-            "tool_result",
-            {
-                "event": "tool_result",
-                "message_id": _ASSISTANT_ID,
-                "tool_result": {"name": "customer_balance", "content": 1123.45},
-            },
-        ),
-        (
-            "text_delta",
-            {"event": "text_delta", "message_id": _ASSISTANT_ID, "token": json.dumps({"support_advice": "John, your"})},
-        ),
-        (
-            "message_complete",
-            {
-                "event": "message_complete",
-                "message_id": _ASSISTANT_ID,
-                "status": "complete",
-                "content": _BALANCE_TEXT,
-                "output": _BALANCE,
-            },
-        ),
-        ("error", {"event": "error", "error": ModelTimeout.default_detail, "error_type": ModelTimeout.default_code}),
-        ("done", {"event": "done"}),
-    ]
+    OpenApiExample(name, {**value, "message_id": _ASSISTANT_ID, "seq": seq}, response_only=True)
+    for seq, (name, value) in enumerate(
+        [
+            (
+                "message_created",
+                {
+                    "event": "message_created",
+                    "message": {
+                        "id": "e86e973b-0083-4929-b208-84427c17b33e",
+                        "role": "user",
+                        "content": _QUERY["query"],
+                    },
+                },
+            ),
+            ("message_started", {"event": "message_started"}),
+            (
+                "tool_call",
+                {"event": "tool_call", "tool_call": {"name": "customer_balance", "args": {"include_pending": False}}},
+            ),
+            ("tool_result", {"event": "tool_result", "tool_result": {"name": "customer_balance", "content": 1123.45}}),
+            ("text_delta", {"event": "text_delta", "token": json.dumps({"support_advice": "John, your"})}),
+            (
+                "message_complete",
+                {"event": "message_complete", "status": "complete", "content": _BALANCE_TEXT, "output": _BALANCE},
+            ),
+            (
+                "error",
+                {"event": "error", "error": ModelTimeout.default_detail, "error_type": ModelTimeout.default_code},
+            ),
+            ("done", {"event": "done"}),
+        ],
+        start=1,
+    )
 ]

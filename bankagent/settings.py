@@ -240,6 +240,8 @@ AGENT_HISTORY_TURNS = _whole("AGENT_HISTORY_TURNS", 20, minimum=0)
 # died is marked interrupted once it lapses. A streamed answer is checkpointed this often while it grows.
 RUN_LEASE_SECONDS = _number("RUN_LEASE_SECONDS", 30, minimum=1)
 RUN_CHECKPOINT_SECONDS = _number("RUN_CHECKPOINT_SECONDS", 2, minimum=0.1)
+# A run's events are kept this long after it ends, for clients that resume it (in Redis with REDIS_URL).
+RUN_EVENTS_TTL_SECONDS = _number("RUN_EVENTS_TTL_SECONDS", 300, minimum=1)
 # Runs one process serves at once; past it a new run is refused with 503 `overloaded`. Of those, how many models
 # answer at once: the others wait their turn, accepted and saved.
 RUN_CONCURRENCY = _whole("RUN_CONCURRENCY", 1000, minimum=1)

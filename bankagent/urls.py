@@ -5,7 +5,7 @@ from rest_framework.routers import SimpleRouter
 
 from bankagent.views import HealthView, api_not_found
 from identity.authentication import APIKeyAuthentication
-from threads.views import AgentQueryView, AgentStreamView, AgentViewSet, ThreadViewSet
+from threads.views import AgentQueryView, AgentStreamView, AgentViewSet, RunEventsView, ThreadViewSet
 
 router = SimpleRouter(trailing_slash=False)
 router.register("threads", ThreadViewSet, basename="thread")
@@ -15,6 +15,7 @@ api_v1 = [
     path("agents", AgentViewSet.as_view({"get": "list"}), name="agent-list"),
     path("agent/query", AgentQueryView.as_view(), name="agent-query"),
     path("agent/stream", AgentStreamView.as_view(), name="agent-stream"),
+    path("threads/<str:pk>/runs/<str:message_id>/events", RunEventsView.as_view(), name="run-events"),
     # Tickets stand in for an API key in a browser; the chat page's own socket uses its session instead.
     path(
         "ws-tickets",

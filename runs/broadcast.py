@@ -1,7 +1,10 @@
-"""Where a run's events go: the caller that listens to it (an NDJSON response), and every reader of its thread.
+"""Where a run's events go: the caller that listens to it (an NDJSON response), every reader of its thread, and the
+run's event log (for whoever missed them).
 
-Events are never awaited by the run. Readers in this process get each event at once, in their own backlogs;
-for other processes a publisher sends what has gathered over a few milliseconds as one channel-layer message.
+Each event gets the answer's id and its `seq`. Events are never awaited by the run. Readers in this process get each
+event at once, in their own backlogs; for other processes a publisher adds what has gathered over a few milliseconds
+to the log in Redis, then sends it as one channel-layer message: a reader there that read the log before an event
+was added to it is subscribed by then, and hears it.
 """
 
 import asyncio
@@ -9,13 +12,17 @@ import contextvars
 import logging
 import uuid
 
+from django.conf import settings
+
+from runs.eventlog import RUN_EVENTS_MAX, SharedLog, compacted, local_log, shared_log
 from runs.events import Backlog, BacklogFull, Event
 from runs.hub import hub
 
 logger = logging.getLogger(__name__)
 
 PUBLISH_BACKLOG = 10_000
-"""Events of one run waiting for the channel layer; deltas merge, so only a stalled layer comes near it."""
+"""Events of one run waiting for the channel layer; a structured answer's deltas merge, so only a stalled layer comes
+near it. (A text answer's do not: a resumed reader would not know where a merged one starts.)"""
 PUBLISH_LINGER_SECONDS = 0.02
 """How long a batch for other processes gathers events before it is sent: readers there hear of a run a little
 later, and a run sends a handful of messages rather than one per delta."""
@@ -30,15 +37,23 @@ class Broadcast:
         *,
         thread_id: uuid.UUID,
         run: int,
+        message_id: uuid.UUID,
         cumulative: bool,
+        first_seq: int = 0,
         request_id: str | None = None,
         listener: Backlog | None = None,
     ) -> None:
         self.thread_id = thread_id
         self.run = run
+        self.message_id = str(message_id)
+        self.cumulative = cumulative
+        self.seq = first_seq
         self.request_id = request_id
         self.listener = listener
-        self.pending = Backlog(cumulative=cumulative, max_events=PUBLISH_BACKLOG)
+        self.pending = Backlog(cumulative=cumulative, max_events=PUBLISH_BACKLOG, merge_text=False)
+        self.shared: SharedLog | None = shared_log() if settings.REDIS_URL else None
+        self.unlogged: list[Event] = []
+        self.superseded: bytes | None = None
         self.hub = hub()
         # A fresh context: publishing belongs to the run, not to the request that started it. Held until done, as
         # the last events are published after the run has let go of its broadcast.
@@ -47,8 +62,13 @@ class Broadcast:
         self.task.add_done_callback(_PUBLISHING.discard)
 
     def emit(self, event: Event) -> None:
+        self.seq += 1
+        event = {**event, "message_id": self.message_id, "seq": self.seq}
         if self.request_id is not None:
-            event = {**event, "request_id": self.request_id}
+            event["request_id"] = self.request_id
+        local_log.append(self.message_id, event, cumulative=self.cumulative)
+        if self.shared is not None and len(self.unlogged) < RUN_EVENTS_MAX:
+            self.unlogged.append(event)
         if self.listener is not None:
             try:
                 self.listener.put(event)
@@ -72,6 +92,7 @@ class Broadcast:
                 batch = await self.pending.take()
             except BacklogFull:
                 return
+            await self._log()
             try:
                 await self.hub.publish_elsewhere(self.thread_id, self.run, batch)
             except Exception:
@@ -79,6 +100,19 @@ class Broadcast:
                 logger.warning("Could not publish events of thread %s", self.thread_id, exc_info=True)
             if batch[-1]["event"] == "done":
                 return
+
+    async def _log(self) -> None:
+        """Add what was emitted since to the run's log in Redis, before other processes hear of it."""
+        if self.shared is None or not self.unlogged:
+            return
+        events, self.unlogged = compacted(self.unlogged, cumulative=self.cumulative), []
+        superseded = self.superseded if events[0]["event"] == "text_delta" else None
+        try:
+            latest = await self.shared.append(self.message_id, events, superseded=superseded)
+        except Exception:
+            logger.warning("Could not keep events of run %s: other processes cannot give them again", self.message_id)
+            return
+        self.superseded = latest if self.cumulative else None
 
     async def flushed(self) -> None:
         """Wait until every emitted event, `done` included, has been handed on."""

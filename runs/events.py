@@ -7,6 +7,7 @@ them in the dialect of its credentials.
 import asyncio
 import json
 from collections import deque
+from collections.abc import AsyncIterator
 from enum import StrEnum
 
 from rest_framework.exceptions import APIException
@@ -74,18 +75,21 @@ class Backlog:
     fewer, larger deltas instead of a growing queue; past `max_events` waiting events the reader is dropped.
     """
 
-    def __init__(self, *, cumulative: bool, max_events: int) -> None:
+    def __init__(self, *, cumulative: bool, max_events: int, merge_text: bool = True) -> None:
         self.cumulative = cumulative
+        self.merges = cumulative or merge_text
         self.max_events = max_events
         self.events: deque[Event] = deque()
         self.ready = asyncio.Event()
         self.overflowed = False
+        self.ended = False
+        """Nothing more will be put: what waits is the last of it."""
 
     def put(self, event: Event) -> None:
         """Queue an event without waiting; raises BacklogFull once the reader is too far behind."""
         if self.overflowed:
             raise BacklogFull()
-        if self.events and (merged := merge_delta(self.events[-1], event, cumulative=self.cumulative)):
+        if self.merges and self.events and (merged := merge_delta(self.events[-1], event, cumulative=self.cumulative)):
             self.events[-1] = merged
         else:
             if len(self.events) >= self.max_events:
@@ -100,12 +104,16 @@ class Backlog:
             self.put(event)
 
     async def wait(self) -> None:
-        """Until something is waiting; raises BacklogFull after an overflow."""
-        while not self.events:
+        """Until something is waiting, or nothing ever will; raises BacklogFull after an overflow."""
+        while not self.events and not self.ended:
             if self.overflowed:
                 raise BacklogFull()
             self.ready.clear()
             await self.ready.wait()
+
+    def end(self) -> None:
+        self.ended = True
+        self.ready.set()
 
     def ends_with_done(self) -> bool:
         return bool(self.events) and self.events[-1]["event"] == "done"
@@ -118,3 +126,15 @@ class Backlog:
         events = list(self.events)
         self.events.clear()
         return events
+
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """What waits, a batch at a time, up to a `done` or the end; nothing more once the reader is cut off."""
+        while not (self.ended and not self.events):
+            try:
+                batch = await self.take()
+            except BacklogFull:
+                return
+            if batch:
+                yield batch
+                if batch[-1]["event"] == "done":
+                    return

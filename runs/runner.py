@@ -301,6 +301,7 @@ async def _open_and_execute(
     broadcast = Broadcast(
         thread_id=thread_id,
         run=run.start.assistant_message.seq,
+        message_id=run.message_id,
         cumulative=structured,
         request_id=request_id,
         listener=listener,

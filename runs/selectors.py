@@ -8,6 +8,7 @@ from itertools import chain
 from django.db.models import Q
 from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
 
+from bankagent.exceptions import NotFound
 from bankagent.jsontypes import JSONObject
 from threads.models import Message
 
@@ -56,3 +57,16 @@ def thread_state(*, thread_id: uuid.UUID, turns: int) -> ThreadState:
 def run_answer_state(*, message_id: uuid.UUID) -> tuple[str, JSONObject] | None:
     """The status and metadata saved for a run's answer, or None once it is gone with its thread."""
     return Message.objects.filter(pk=message_id).values_list("status", "metadata").first()
+
+
+def run_answer_status(*, thread_id: uuid.UUID, user_id: uuid.UUID, message_id: uuid.UUID) -> str:
+    """The status of the answer `message_id` of the user's thread; NotFound for anything else (another thread's,
+    another user's, a question)."""
+    status = (
+        Message.objects.filter(pk=message_id, thread_id=thread_id, thread__user_id=user_id, role=Message.Role.ASSISTANT)
+        .values_list("status", flat=True)
+        .first()
+    )
+    if status is None:
+        raise NotFound("There is no such answer on this thread.")
+    return status

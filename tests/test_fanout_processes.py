@@ -15,7 +15,7 @@ from websockets.asyncio.client import connect
 
 from identity.models import APIKey
 from tests.conftest import DEMO_USER_ID
-from tests.live import SERVERS, LiveServer, ModelServer, server_env, shape
+from tests.live import SERVERS, LiveServer, ModelServer, request, server_env, shape
 from threads.models import Message, Thread
 
 TIMEOUT = 10  # seconds for any one event
@@ -112,3 +112,42 @@ async def test_run_in_one_process_streams_to_and_is_cancelled_from_the_other(ser
     assert (complete["status"], complete["content"]) == ("incomplete", said)
     assert (answer.status, answer.content) == (Message.Status.INCOMPLETE, said)
     assert len(model_server.calls) == 1 and call.body["stream"] is True
+
+
+async def test_a_run_in_one_process_is_resumed_through_the_other_over_a_socket_and_over_http(servers, model_server):
+    first, second = servers
+    _, key = await sync_to_async(APIKey.objects.create_key)(name="two processes")
+    thread = await Thread.objects.acreate(user_id=DEMO_USER_ID, agent_type="general_chat")
+    headers = {"X-API-Key": key, "X-User-ID": str(DEMO_USER_ID)}
+    said = "".join(STORY)
+
+    async with connect(f"ws://127.0.0.1:{first}/ws/v1/threads/{thread.id}/", additional_headers=headers) as starter:
+        await starter.send(json.dumps({"type": "query", "query": "Tell me a story"}))
+        heard = await events_until_text(starter, said)  # the model holds its answer open after these words
+        message_id, after = heard[1]["message_id"], heard[2]["seq"]  # the first delta had, the rest missed
+        path = f"/ws/v1/threads/{thread.id}/?resume={message_id}&after={after}"
+        async with connect(f"ws://127.0.0.1:{second}{path}", additional_headers=headers) as resumed:
+            missed = await events_until_text(resumed, said[len(heard[2]["token"]) :])
+            http = asyncio.create_task(
+                asyncio.to_thread(
+                    request,
+                    second,
+                    "GET",
+                    f"/api/v1/threads/{thread.id}/runs/{message_id}/events?after={after}",
+                    headers,
+                )
+            )
+            model_server.release()
+            rest = await next_event(resumed, "done")
+            followed = await http
+        await next_event(starter, "done")
+
+    answer = await Message.objects.aget(pk=message_id)
+    every = heard[:3] + missed + rest
+    assert [event["seq"] for event in every] == sorted({event["seq"] for event in every})
+    assert text_of(every) == answer.content == said
+    assert every[-2]["event"] == "message_complete" and every[-1]["event"] == "done"
+    over_http = [json.loads(line) for line in followed.body.splitlines()]
+    assert followed.status == 200
+    assert over_http[0]["seq"] == after + 1 and over_http[-1]["event"] == "done"
+    assert text_of(heard[:3] + over_http) == said

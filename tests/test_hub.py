@@ -238,7 +238,7 @@ async def test_a_stalled_channel_layer_is_reported_once_per_run_not_once_per_eve
         }
     }
     monkeypatch.setattr(broadcast_module, "PUBLISH_BACKLOG", 3)
-    broadcast = Broadcast(thread_id=uuid.uuid4(), run=2, cumulative=True)
+    broadcast = Broadcast(thread_id=uuid.uuid4(), run=2, message_id=uuid.uuid4(), cumulative=True)
     broadcast.emit({"event": "message_started", "message_id": "m"})
     async with asyncio.timeout(TIMEOUT):
         while not silent_redis.connections:  # the first batch is on its way to a Redis that will not answer

@@ -136,8 +136,9 @@ def parse_event_chunk(data: dict) -> AgentResponseChunk:
     return model.model_validate(data)
 
 
-async def parsed_stream(body: AsyncIterator[str]) -> AsyncIterator[AgentResponseChunk]:
-    """The original client's reading of a stream: complete lines as they arrive, then whatever is left."""
+async def parsed_stream(body: AsyncIterator[str], seen: list[dict] | None = None) -> AsyncIterator[AgentResponseChunk]:
+    """The original client's reading of a stream: complete lines as they arrive, then whatever is left. (`seen` gets
+    each line's object too, for the test.)"""
     buffer = ""
     async for text in body:
         buffer += text
@@ -145,7 +146,10 @@ async def parsed_stream(body: AsyncIterator[str]) -> AsyncIterator[AgentResponse
             *lines, buffer = buffer.split("\n")
             for line in lines:
                 if line.strip():
-                    yield parse_event_chunk(json.loads(line))
+                    data = json.loads(line)
+                    if seen is not None:
+                        seen.append(data)
+                    yield parse_event_chunk(data)
     if buffer.strip():
         yield parse_event_chunk(json.loads(buffer))
 
@@ -246,12 +250,17 @@ def saved_answer(thread_id: uuid.UUID) -> Message:
 async def test_original_client_parses_every_line_of_a_legacy_key_stream(legacy_key, user_id, support_thread, query):
     body = stream_body(api_key=legacy_key, user_id=user_id, thread_id=support_thread.pk, query=query)
 
+    seen: list[dict] = []
     async with aclosing(body):
-        chunks = [chunk async for chunk in parsed_stream(body)]
+        chunks = [chunk async for chunk in parsed_stream(body, seen)]
 
     await runs_finished()
     answer = await saved_answer(support_thread.pk)
     assert answer.status == Message.Status.COMPLETE
+    # Each event carries its seq, as in the standard dialect; those of the tool events it leaves out are missing.
+    seqs = [event["seq"] for event in seen]
+    assert seqs == sorted(set(seqs)) and seqs[0] == 1
+    assert len(seqs) < seqs[-1] if query == "What is my balance?" else len(seqs) == seqs[-1]
     assert isinstance(chunks[0], MessageCreatedChunk) and chunks[0].message.role is MessageRole.USER
     assert chunks[1] == MessageStartedChunk(message_id=answer.id)
     assert chunks[-2:] == [MessageCompleteChunk(message_id=answer.id), DoneChunk()]

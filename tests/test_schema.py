@@ -21,6 +21,7 @@ OPERATIONS = {
     "agents_list": ("get", "/api/v1/agents"),
     "agent_query": ("post", "/api/v1/agent/query"),
     "agent_stream": ("post", "/api/v1/agent/stream"),
+    "run_events": ("get", "/api/v1/threads/{id}/runs/{message_id}/events"),
     "ws_ticket_create": ("post", "/api/v1/ws-tickets"),
     "health": ("get", "/api/v1/health"),
 }
@@ -56,6 +57,10 @@ EXPECTED_ERRORS = {
         {"502": {"model_error"}, "503": {"model_unavailable", "run_interrupted"}, "504": {"model_timeout"}},
     ],
     "agent_stream": [CALL, BODY, CSRF, RUN_START],
+    "run_events": [
+        CALL,
+        {"400": {"invalid_resume"}, "404": {"not_found"}, "410": {"resume_expired"}, "503": {"service_unavailable"}},
+    ],
     "ws_ticket_create": [CALL, BODY, {"404": {"not_found"}, "503": {"service_unavailable"}}],
     "health": [{"400": {"bad_host"}}],
 }
@@ -288,9 +293,10 @@ def test_the_stream_is_ndjson_of_one_schema_per_event(schema, operations):
     assert set(event["discriminator"]["mapping"]) == STREAM_EVENT_NAMES
     assert len(event["oneOf"]) == len(STREAM_EVENT_NAMES)
     complete = schema["components"]["schemas"]["MessageCompleteEvent"]
-    assert set(complete["required"]) == {"event", "message_id", "status", "content", "output"}
+    assert set(complete["required"]) == {"event", "message_id", "seq", "status", "content", "output"}
     for ref in event["oneOf"]:
         assert "request_id" in component(schema, ref)["properties"]
+        assert {"message_id", "seq"} <= set(component(schema, ref)["required"])
 
 
 def test_stream_examples_are_valid_events(schema, operations):

@@ -1,9 +1,11 @@
-"""The thread websocket: `query`, `cancel` and `ping` frames in, the events of every run on the thread out."""
+"""The thread websocket: `query`, `cancel`, `resume` and `ping` frames in, the events of every run on the thread out,
+each of a run once and in order, a resumed run's missed ones first."""
 
 import asyncio
 import contextlib
 import logging
 import uuid
+from urllib.parse import parse_qs
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -16,6 +18,7 @@ from bankagent.exceptions import (
     BadFrame,
     NotFound,
     PayloadTooLarge,
+    ResumeExpired,
     ServiceUnavailable,
     ValidationFailed,
     as_application_error,
@@ -27,6 +30,7 @@ from identity.authentication import Principal, SocketCredentials, authenticate_s
 from runs.events import Backlog, BacklogFull, Dialect, Event, encode, error_event
 from runs.hub import hub
 from runs.pipeline import start_stream
+from runs.resume import Catchup, resume, resume_point
 from threads.models import Thread
 from threads.selectors import thread_get_for_user
 from threads.serializers import QueryFrameSerializer
@@ -50,7 +54,7 @@ def parse_frame(text: str | None) -> JSONObject:
         frame = loads_strict(text)
     except ApplicationError as exc:
         raise BadFrame("The frame is not valid JSON.") from exc
-    if not isinstance(frame, dict) or frame.get("type") not in ("query", "cancel", "ping"):
+    if not isinstance(frame, dict) or frame.get("type") not in ("query", "cancel", "resume", "ping"):
         raise BadFrame()
     return frame
 
@@ -64,6 +68,10 @@ class ThreadConsumer(AsyncWebsocketConsumer):
     credentials: SocketCredentials | None = None
     writer: asyncio.Task | None = None
     closing: asyncio.Task | None = None
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.catchup = Catchup()
 
     async def connect(self) -> None:
         serve_outside_requests()
@@ -86,6 +94,7 @@ class ThreadConsumer(AsyncWebsocketConsumer):
         spec = AGENTS.get(thread.agent_type)
         self.backlog = Backlog(cumulative=spec is None or spec.structured, max_events=settings.STREAM_BACKLOG_EVENTS)
         self.dialect = Dialect(credentials.principal.events)
+        resuming = self._resume_asked()
         try:
             await hub().watch(thread.pk, self)
         except Exception:
@@ -95,6 +104,20 @@ class ThreadConsumer(AsyncWebsocketConsumer):
         await self.accept()
         self.writer = asyncio.create_task(self._write())
         self.writer.add_done_callback(self._writer_done)
+        if resuming is not None:
+            await self.receive_frame({"type": "resume", **resuming})
+
+    def _resume_asked(self) -> JSONObject | None:
+        """The run the handshake asks to resume (`?resume=<message_id>&after=N`), its live events held back from
+        the moment the socket hears the thread; a malformed point is answered once the socket is open."""
+        asked = parse_qs(self.scope.get("query_string", b"").decode("latin1"))
+        if not asked.get("resume"):
+            return None
+        point: JSONObject = {"message_id": asked["resume"][0], "after": asked.get("after", ["0"])[0]}
+        with contextlib.suppress(APIException):
+            message_id, after = resume_point(point["message_id"], point["after"])
+            self.catchup.hold(str(message_id), after)
+        return point
 
     async def _refuse(self, code: int, error: APIException | None = None) -> None:
         # A close code, and the error event before it, reach the client only after the handshake is accepted.
@@ -114,6 +137,9 @@ class ThreadConsumer(AsyncWebsocketConsumer):
 
     def deliver(self, events: list[Event]) -> None:
         """Events for this socket; they wait in its backlog, never for the client."""
+        self._put(self.catchup.admit(events))
+
+    def _put(self, events: list[Event]) -> None:
         try:
             self.backlog.put_many(events)
         except BacklogFull:
@@ -168,9 +194,14 @@ class ThreadConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.thread is None:
             return
-        frame: JSONObject = {}
         try:
             frame = parse_frame(text_data)
+        except Exception as exc:
+            return self._error(as_application_error(exc))
+        await self.receive_frame(frame)
+
+    async def receive_frame(self, frame: JSONObject) -> None:
+        try:
             await getattr(self, f"on_{frame['type']}")(frame)
         except ValidationError as exc:
             self._error(ValidationFailed.of(exc), frame.get("request_id"))
@@ -201,6 +232,21 @@ class ThreadConsumer(AsyncWebsocketConsumer):
             await hub().cancel(self.thread.pk)
         except Exception as exc:
             raise ServiceUnavailable("The cancel could not reach the run: the channel layer is down.") from exc
+
+    async def on_resume(self, frame: JSONObject) -> None:
+        """The events of a run of the thread after `after` that this socket has not had, then its live ones."""
+        message_id, after = resume_point(frame.get("message_id"), frame.get("after"))
+        assert self.thread is not None and self.credentials is not None
+        resumed = await resume(
+            self.catchup,
+            thread_id=self.thread.pk,
+            user_id=self.credentials.principal.user_id,
+            message_id=message_id,
+            after=after,
+        )
+        if not resumed.kept:
+            self._put([error_event(ResumeExpired(), message_id=str(message_id))])
+        self._put(resumed.missed)
 
     async def on_ping(self, frame: JSONObject) -> None:
         # Nothing to check: the pong, like every event, goes out only while the credentials hold.

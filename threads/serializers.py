@@ -113,12 +113,20 @@ class MessageSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class ActiveRunSerializer(serializers.Serializer):
+    """The run answering on the thread now: resume it from `last_seq`, the seq of its latest event."""
+
+    message_id = serializers.UUIDField()
+    last_seq = serializers.IntegerField(min_value=0)
+
+
 class ThreadDetailSerializer(ThreadSerializer):
     messages = MessageSerializer(source="messages_page", many=True, read_only=True)
     has_more_messages = serializers.BooleanField(read_only=True)
+    active_run = ActiveRunSerializer(read_only=True, allow_null=True)
 
     class Meta(ThreadSerializer.Meta):
-        fields = [*ThreadSerializer.Meta.fields, "messages", "has_more_messages"]
+        fields = [*ThreadSerializer.Meta.fields, "messages", "has_more_messages", "active_run"]
         read_only_fields = fields
 
 

@@ -3,6 +3,7 @@
 import uuid
 from collections.abc import AsyncIterator, Callable
 
+from django.conf import settings
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -17,8 +18,10 @@ from bankagent.async_views import AsyncAPIView
 from bankagent.exceptions import (
     InvalidCursor,
     InvalidLimit,
+    InvalidResume,
     InvalidText,
     NotFound,
+    ResumeExpired,
     ServiceUnavailable,
     UnknownAgentType,
 )
@@ -39,8 +42,10 @@ from bankagent.schema import (
 )
 from bankagent.throttling import RUN_THROTTLES
 from identity.tickets import ticket_issue
-from runs.events import Backlog, BacklogFull, Dialect, encode
+from runs.eventlog import last_seq
+from runs.events import Backlog, Dialect, Event, encode
 from runs.pipeline import start_stream
+from runs.resume import follow, resume_point
 from runs.runner import run_blocking
 from runs.services import runs_interrupt
 from threads import selectors, services
@@ -106,6 +111,14 @@ def repaired(thread: Thread, read: Callable[[], list[Message]]) -> list[Message]
     return messages
 
 
+def active_run(messages: list[Message]) -> dict[str, object] | None:
+    """The run answering on the thread, if any: always its latest message."""
+    if not messages or messages[-1].status != Message.Status.IN_PROGRESS:
+        return None
+    answer = messages[-1]
+    return {"message_id": answer.pk, "last_seq": last_seq(str(answer.pk)) or 0}
+
+
 def own_thread(request: Request, thread_id: uuid.UUID) -> Thread:
     """The caller's end user's thread; anyone else's is a 404."""
     return selectors.thread_get_for_user(thread_id=thread_id, user_id=request.user.user_id)
@@ -165,6 +178,7 @@ class ThreadViewSet(viewsets.ViewSet):
 
         thread.messages_page = repaired(thread, read)
         thread.has_more_messages = latest["more"]
+        thread.active_run = active_run(thread.messages_page)
         return Response(ThreadDetailSerializer(thread).data)
 
     @extend_schema(
@@ -284,22 +298,57 @@ class AgentStreamView(AsyncAPIView):
             user_id=request.user.user_id, thread_id=data["thread_id"], query=data["query"], listen=True
         )
         assert listener is not None
-        events = ndjson(listener, Dialect(request.user.events))
-        response = StreamingHttpResponse(events, content_type="application/x-ndjson")
-        response["Cache-Control"] = "no-cache"
-        response["X-Accel-Buffering"] = "no"
-        return response
+        return ndjson_response(batches_ndjson(listener.batches(), Dialect(request.user.events)))
 
 
-async def ndjson(listener: Backlog, dialect: Dialect) -> AsyncIterator[bytes]:
-    """The run's events, one JSON object a line; a client too far behind is cut off (the run goes on)."""
-    while True:
-        try:
-            batch = await listener.take()
-        except BacklogFull:
-            return
-        lines = [line for event in batch if (line := encode(event, dialect)) is not None]
-        if lines:
+class RunEventsView(AsyncAPIView):
+    """A run's events after a given one, then its live ones to its end: a stream resumed."""
+
+    @extend_schema(
+        operation_id="run_events",
+        parameters=[
+            THREAD_ID,
+            OpenApiParameter(
+                "message_id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The answer the run writes."
+            ),
+            OpenApiParameter(
+                "after",
+                {"type": "integer", "minimum": 0, "default": 0},
+                description="The `seq` of the last event received; else 400 `invalid_resume`.",
+            ),
+        ],
+        responses={
+            (200, "application/x-ndjson"): OpenApiResponse(
+                STREAM_EVENT_REF,
+                description="The run's events with `seq` above `after`, in order, then its live ones, to its "
+                "`done`; nothing when the run had ended and `after` was its last event.",
+                examples=STREAM_EVENT_EXAMPLES,
+            ),
+            **errors(*CALL_ERRORS, NotFound, InvalidResume, ResumeExpired, ServiceUnavailable),
+        },
+    )
+    async def get(self, request: Request, pk: str, message_id: str) -> StreamingHttpResponse:
+        thread_id = selectors.parse_thread_id(pk)
+        answer_id, after = resume_point(message_id, request.query_params.get("after", "0"))
+        follower = await follow(
+            thread_id=thread_id,
+            user_id=request.user.user_id,
+            message_id=answer_id,
+            after=after,
+            # Not merged: the follower does not know whether the run's deltas are cumulative.
+            backlog=Backlog(cumulative=False, max_events=settings.STREAM_BACKLOG_EVENTS, merge_text=False),
+        )
+        return ndjson_response(batches_ndjson(follower.events(), Dialect(request.user.events)))
+
+
+def ndjson_response(lines: AsyncIterator[bytes]) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(lines, content_type="application/x-ndjson")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+async def batches_ndjson(batches: AsyncIterator[list[Event]], dialect: Dialect) -> AsyncIterator[bytes]:
+    async for batch in batches:
+        if lines := [line for event in batch if (line := encode(event, dialect)) is not None]:
             yield ("\n".join(lines) + "\n").encode()
-        if batch[-1]["event"] == "done":
-            return
