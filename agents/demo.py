@@ -60,7 +60,12 @@ def respond(messages: list[ModelMessage], info: AgentInfo) -> list[ModelResponse
         prompt=prompt,
         earlier_prompts=prompts[:-1],
         instructions=info.instructions or "",
-        tool_results={name: (part.content if part.outcome == "success" else None) for name, part in returns.items()},
+        tool_results={
+            name: (part.content if part.outcome == "success" else None)
+            for name, part in returns.items()
+            if part.outcome != "denied"
+        },
+        denied={name: str(part.content) for name, part in returns.items() if part.outcome == "denied"},
     )
     if info.output_tools:
         return [ToolCallPart(info.output_tools[0].name, demo_script.support_answer(context).as_output())]

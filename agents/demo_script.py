@@ -54,6 +54,8 @@ class Context:
     instructions: str
     tool_results: dict[str, object] = field(default_factory=dict)
     """Results of the tools called for this prompt; None where the tool failed."""
+    denied: dict[str, str] = field(default_factory=dict)
+    """Tools the customer did not let run for this prompt, and what they were told instead."""
 
 
 @dataclass
@@ -75,6 +77,8 @@ class Answer:
 
 def tool_for(prompt: str, tools: set[str]) -> tuple[str, dict[str, object]] | None:
     """The tool call a question needs, among the tools the agent has."""
+    if "block_card" in tools and (_LOST_CARD.search(prompt) or _FRAUD.search(prompt)):
+        return "block_card", {}
     if "customer_balance" in tools and _BALANCE.search(prompt):
         return "customer_balance", {"include_pending": "pending" in prompt.lower()}
     if "recent_transactions" in tools and _TRANSACTIONS.search(prompt):
@@ -146,21 +150,37 @@ def support_answer(context: Context) -> Answer:
             risk_level=1,
             follow_up_actions=["Report any transaction you don't recognise"],
         )
-    if _LOST_CARD.search(context.prompt):
+    if "block_card" in results:
+        said = str(results["block_card"])
+        card = re.search(r"ending in (\d{4})", said)
+        which = f"your card ending in {card.group(1)}" if card else "your card"
+        state = "was already blocked" if "already" in said else "is now blocked"
         return Answer(
-            f"I'm sorry to hear that{', ' + name if name else ''}. I'm blocking your card now so nobody can use it. "
-            "A replacement card will be sent to your address on file within 3 to 5 business days.",
+            f"{greeting}{which} {state}: nobody can use it. A replacement card will be sent to your address on "
+            "file within 3 to 5 business days.",
             block_card=True,
             risk_level=8,
-            follow_up_actions=["Block the card", "Order a replacement card", "Review recent transactions"],
+            follow_up_actions=["Order a replacement card", "Review recent transactions"],
         )
-    if _FRAUD.search(context.prompt):
+    if "block_card" in context.denied:
+        expired = "in time" in context.denied["block_card"]
         return Answer(
-            f"{greeting}thank you for telling us. Don't share any codes or passwords with anyone. "
-            "I've flagged your account for our fraud team, who will contact you within 24 hours.",
-            block_card=True,
-            risk_level=9,
-            follow_up_actions=["Block the card", "Fraud team review", "Change your online banking password"],
+            f"{greeting}"
+            + (
+                "you did not answer my request to block your card in time, so it is still active. "
+                if expired
+                else "as you asked, I have not blocked your card: it is still active. "
+            )
+            + "If it turns up missing after all, ask me again and I'll block it.",
+            risk_level=6,
+            follow_up_actions=["Keep an eye on your recent transactions", "Ask again to block the card"],
+        )
+    if _LOST_CARD.search(context.prompt) or _FRAUD.search(context.prompt):
+        return Answer(
+            f"I'm sorry to hear that{', ' + name if name else ''}. Please call us so we can block your card: "
+            "I can't block it from here.",
+            risk_level=8,
+            follow_up_actions=["Call the bank to block the card", "Review recent transactions"],
         )
     if text := _common(context):
         return Answer(text, risk_level=0)

@@ -7,7 +7,7 @@ from functools import cached_property
 
 from pydantic_ai import Agent
 
-from agents.bank_support import support_agent, support_deps
+from agents.bank_support import OUTPUT_TOOL, support_agent, support_deps
 from agents.general_chat import chat_agent, chat_deps
 from bankagent.exceptions import UnknownAgentType
 from bankagent.jsontypes import JSONObject
@@ -22,10 +22,15 @@ class AgentSpec:
     """Builds the run's dependencies for an end user's id; it runs in the transaction that starts the run."""
     structured: bool
     """Whether the output is a JSON object (stored in `output`) rather than text."""
+    output_tools: frozenset[str] = frozenset()
+    """The tools the model answers through: not tools it used."""
 
     @cached_property
     def output_schema(self) -> JSONObject:
-        return self.agent.output_json_schema()
+        """The schema of a saved answer's `output`: the first of the agent's output types (any other is a stop, such
+        as the tool calls that wait for the customer's approval, never an answer)."""
+        schema = self.agent.output_json_schema()
+        return schema["anyOf"][0] if "anyOf" in schema else schema
 
 
 AGENTS: dict[str, AgentSpec] = {
@@ -38,6 +43,7 @@ AGENTS: dict[str, AgentSpec] = {
             agent=support_agent,
             deps_for=support_deps,
             structured=True,
+            output_tools=frozenset({OUTPUT_TOOL}),
         ),
         AgentSpec(
             agent_type="general_chat",

@@ -5,6 +5,7 @@ from bank.models import Card, Customer, Transaction
 
 class CardInline(admin.TabularInline):
     model = Card
+    fields = ["last4", "kind", "status", "blocked_at"]
     extra = 0
 
 

@@ -31,6 +31,7 @@ class Card(models.Model):
     last4 = models.CharField(max_length=4)
     kind = models.CharField(max_length=20, default="debit")
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.ACTIVE)
+    blocked_at = models.DateTimeField(null=True, blank=True, help_text="When the card was blocked, if it is.")
 
     def __str__(self) -> str:
         return f"{self.kind} card •••• {self.last4}"

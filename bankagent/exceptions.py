@@ -5,6 +5,7 @@ exceptions (not authenticated, method not allowed, throttled, ...) render the sa
 """
 
 import logging
+import uuid
 from collections.abc import Mapping
 
 from django.conf import settings
@@ -124,6 +125,33 @@ class ResumeExpired(ApplicationError):
 class ThreadBusy(ApplicationError):
     status_code, default_code = 409, "thread_busy"
     default_detail = "An answer is already being generated on this thread."
+
+
+class ApprovalPending(ApplicationError):
+    status_code, default_code = 409, "approval_pending"
+    default_detail = "An answer on this thread waits for your approval: approve or deny it first."
+
+
+class ApprovalLapsed(ThreadBusy):
+    """A question on a thread whose answer waits for an approval that has expired: that answer is being finished
+    (the model is told it expired) before the thread takes another question."""
+
+    default_detail = "The answer before waits for an approval that has expired: it is being finished. Ask again."
+    retry_after = 2
+
+    def __init__(self, message_id: uuid.UUID) -> None:
+        super().__init__()
+        self.message_id = message_id
+
+
+class ApprovalDecided(ApplicationError):
+    status_code, default_code = 409, "approval_decided"
+    default_detail = "This approval has been decided already."
+
+
+class ApprovalExpired(ApplicationError):
+    status_code, default_code = 410, "approval_expired"
+    default_detail = "This approval expired before it was decided: nothing was done, and the answer goes on."
 
 
 class PayloadTooLarge(ApplicationError):

@@ -14,6 +14,8 @@ from drf_spectacular.utils import OpenApiExample, OpenApiResponse
 from agents.registry import agent_types
 from bankagent.exceptions import (
     ApplicationError,
+    ApprovalDecided,
+    ApprovalExpired,
     AuthenticationFailed,
     BadHost,
     CsrfFailed,
@@ -374,6 +376,11 @@ RUN_START_ERRORS = (InvalidText, NotFound, ThreadBusy, QueryTooLong, Overloaded,
 """A run refused before anything is written."""
 RUN_ERRORS = (*RUN_START_ERRORS, ModelError, ModelUnavailable, ModelTimeout, RunInterrupted)
 """A blocking run: its failures are HTTP errors too (a streamed run's are `error` events)."""
+DECISION_ERRORS = (
+    *(InvalidText, NotFound, ApprovalDecided, ApprovalExpired, Overloaded, ModelNotConfigured),
+    *(ModelError, ModelUnavailable, ModelTimeout, RunInterrupted),
+)
+"""A decision on an approval, and the answer going on after it as a blocking run."""
 
 
 # Examples: the original service's bank support conversation with John, the demo customer.

@@ -242,6 +242,8 @@ RUN_LEASE_SECONDS = _number("RUN_LEASE_SECONDS", 30, minimum=1)
 RUN_CHECKPOINT_SECONDS = _number("RUN_CHECKPOINT_SECONDS", 2, minimum=0.1)
 # A run's events are kept this long after it ends, for clients that resume it (in Redis with REDIS_URL).
 RUN_EVENTS_TTL_SECONDS = _number("RUN_EVENTS_TTL_SECONDS", 300, minimum=1)
+# How long the customer has to approve or deny a tool call an answer waits for (blocking their card).
+APPROVAL_TTL_SECONDS = _number("APPROVAL_TTL_SECONDS", 900, minimum=1)
 # Runs one process serves at once; past it a new run is refused with 503 `overloaded`. Of those, how many models
 # answer at once: the others wait their turn, accepted and saved.
 RUN_CONCURRENCY = _whole("RUN_CONCURRENCY", 1000, minimum=1)
@@ -316,7 +318,7 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "ENUM_NAME_OVERRIDES": {
         "MessageStatusEnum": "threads.models.Message.Status",
-        "AnswerStatusEnum": ["complete", "incomplete"],
+        "AnswerStatusEnum": ["complete", "incomplete", "awaiting_approval"],
     },
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "bankagent.schema.complete_schema"],
 }

@@ -5,7 +5,14 @@ from rest_framework.routers import SimpleRouter
 
 from bankagent.views import HealthView, api_not_found
 from identity.authentication import APIKeyAuthentication
-from threads.views import AgentQueryView, AgentStreamView, AgentViewSet, RunEventsView, ThreadViewSet
+from threads.views import (
+    AgentQueryView,
+    AgentStreamView,
+    AgentViewSet,
+    ApprovalDecisionView,
+    RunEventsView,
+    ThreadViewSet,
+)
 
 router = SimpleRouter(trailing_slash=False)
 router.register("threads", ThreadViewSet, basename="thread")
@@ -16,6 +23,7 @@ api_v1 = [
     path("agent/query", AgentQueryView.as_view(), name="agent-query"),
     path("agent/stream", AgentStreamView.as_view(), name="agent-stream"),
     path("threads/<str:pk>/runs/<str:message_id>/events", RunEventsView.as_view(), name="run-events"),
+    path("threads/<str:pk>/approvals/<str:approval_id>", ApprovalDecisionView.as_view(), name="approval-decide"),
     # Tickets stand in for an API key in a browser; the chat page's own socket uses its session instead.
     path(
         "ws-tickets",

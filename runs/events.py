@@ -23,7 +23,11 @@ class Dialect(StrEnum):
 
     STANDARD = "standard"
     LEGACY = "legacy"
-    """Deltas are named `token`, and tool events are left out."""
+    """Deltas are named `token`; tool and approval events are left out."""
+
+
+LEGACY_UNKNOWN = frozenset({"tool_call", "tool_result", "approval_required", "approval_decided"})
+"""Events the replaced service's client does not know."""
 
 
 def error_event(error: APIException, **extra: JSON) -> Event:
@@ -44,7 +48,7 @@ def encode(event: Event, dialect: Dialect) -> str | None:
     """One event as JSON text, or None when the dialect has no such event."""
     if dialect is Dialect.LEGACY:
         name = event["event"]
-        if name in ("tool_call", "tool_result"):
+        if name in LEGACY_UNKNOWN:
             return None
         if name == "text_delta":
             event = {**event, "event": "token"}

@@ -20,18 +20,20 @@ from bankagent.jsontypes import JSON
 from runs.hub import LocalRun
 from runs.loops import per_loop
 from runs.services import runs_renew
+from runs.tools import ToolTimer
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Progress:
-    """What a streamed run has produced so far: checkpointed while it runs, saved if it stops early."""
+    """What a run has produced so far: checkpointed while it runs, saved if it stops early."""
 
     text: str = ""
     """The answer so far: accumulated text, or the JSON of the latest partial output."""
     output: JSON = None
     first_token_at: float | None = None
+    tools: ToolTimer = field(default_factory=ToolTimer)
 
 
 @dataclass(eq=False)

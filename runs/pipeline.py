@@ -15,13 +15,16 @@ from pydantic_ai import Agent, ModelRetry, UnexpectedModelBehavior
 from pydantic_ai.agent import AgentRunResult
 from pydantic_ai.messages import FunctionToolCallEvent, FunctionToolResultEvent
 from pydantic_ai.result import AgentStream
+from pydantic_ai.tools import DeferredToolRequests
 from pydantic_core import to_jsonable_python
 
+from bankagent.exceptions import ApprovalExpired
 from bankagent.jsontypes import JSON
 from runs.broadcast import Broadcast
 from runs.events import Backlog
 from runs.keeper import Progress
-from runs.runner import Run, final_content, start_run
+from runs.runner import Run, decision, final_content, question, start_run
+from threads.models import Approval
 
 VALIDATE_EVERY_CHUNKS = 4
 """A partial output is validated at least once every this many chunks while chunks keep coming."""
@@ -59,11 +62,13 @@ async def _partial_outputs(stream: AgentStream) -> AsyncIterator[JSON]:
 
 
 async def _validated(stream: AgentStream) -> JSON:
-    """The partial output so far, or None while there is none that validates (it may not have started yet)."""
+    """The partial output so far, or None while there is none that validates (it may not have started yet), or
+    the model is calling a tool that waits for the customer's approval (no answer is being written)."""
     try:
-        return await stream.validate_response_output(stream.response, allow_partial=True)
+        output = await stream.validate_response_output(stream.response, allow_partial=True)
     except (ValidationError, ModelRetry, UnexpectedModelBehavior):
         return None
+    return None if isinstance(output, DeferredToolRequests) else output
 
 
 async def _tokens(stream: AgentStream, structured: bool, progress: Progress) -> AsyncIterator[str]:
@@ -87,7 +92,14 @@ async def stream_answer(run: Run, progress: Progress, broadcast: Broadcast) -> A
     has written so far."""
     message_id = str(run.message_id)
     start = run.start
-    async with run.spec.agent.iter(run.query, message_history=start.history, deps=start.deps, model=run.model) as it:
+    async with run.spec.agent.iter(
+        run.query,
+        message_history=start.history,
+        deferred_tool_results=start.deferred,
+        deps=start.deps,
+        model=run.model,
+        capabilities=[progress.tools],
+    ) as it:
         async for node in it:
             if Agent.is_model_request_node(node):
                 async with node.stream(it.ctx) as stream:
@@ -105,6 +117,8 @@ async def stream_answer(run: Run, progress: Progress, broadcast: Broadcast) -> A
                             broadcast.emit({"event": "tool_result", "message_id": message_id, "tool_result": result})
     result = it.result
     assert result is not None, "a finished agent run has a result"
+    if isinstance(result.output, DeferredToolRequests):
+        return result  # stopped for the customer's approval: there is no answer yet
     final = final_content(run, result.output)
     if run.spec.structured and final != progress.text:
         # The last token is the whole output, validated as it is saved.
@@ -124,7 +138,27 @@ async def start_stream(
     """Take the thread and start its run, streamed, in the background: its events go to every reader of the
     thread, and to the backlog returned when the caller listens. Raises before anything is written when the run
     cannot start (see `runs.runner.open_run`)."""
+    take = question(user_id=user_id, thread_id=thread_id, query=query)
     started = await start_run(
-        user_id=user_id, thread_id=thread_id, query=query, answer=stream_answer, request_id=request_id, listen=listen
+        thread_id=thread_id, take=take, answer=stream_answer, request_id=request_id, listen=listen
     )
+    assert started is not None, "a question always runs"
     return started.listener
+
+
+async def start_decision(
+    *,
+    user_id: uuid.UUID,
+    thread_id: uuid.UUID,
+    approval_id: uuid.UUID,
+    approved: bool,
+    note: str,
+    request_id: str | None = None,
+) -> None:
+    """Record the customer's decision; the answer goes on, streamed to the thread's readers, once none of its
+    approvals is pending. A decision after the approval expired raises ApprovalExpired (the answer goes on
+    regardless, the model told it expired)."""
+    take = decision(user_id=user_id, thread_id=thread_id, approval_id=approval_id, approved=approved, note=note)
+    started = await start_run(thread_id=thread_id, take=take, answer=stream_answer, request_id=request_id)
+    if started is not None and started.decided == Approval.Status.EXPIRED:
+        raise ApprovalExpired()

@@ -10,16 +10,17 @@ from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
 
 from bankagent.exceptions import NotFound
 from bankagent.jsontypes import JSONObject
-from threads.models import Message
+from threads.models import Approval, Message
 
 
 @dataclass(frozen=True)
 class Running:
-    """The answer a run is writing on a thread: its lease."""
+    """The answer being written on a thread (its lease), or waiting for the customer's approval."""
 
     message_id: uuid.UUID
     lease_expires_at: datetime | None
     metadata: JSONObject
+    status: str = Message.Status.IN_PROGRESS
 
     def lapsed(self, now: datetime) -> bool:
         return self.lease_expires_at is not None and self.lease_expires_at <= now
@@ -34,21 +35,22 @@ class ThreadState:
 
 
 def thread_state(*, thread_id: uuid.UUID, turns: int) -> ThreadState:
-    """The answer in progress on the thread, and the last `turns` finished exchanges (tool calls included), in one
-    query. An answer in progress is the thread's latest: no run begins while one holds the thread."""
+    """The answer open on the thread (being written, or waiting for an approval), and the last `turns` finished
+    exchanges (tool calls included), in one query. An open answer is the thread's latest: no run begins while one
+    holds the thread."""
     rows = list(
         Message.objects.filter(thread_id=thread_id)
         .filter(
-            Q(status=Message.Status.IN_PROGRESS)
+            Q(status__in=Message.OPEN)
             | Q(role=Message.Role.ASSISTANT, status=Message.Status.COMPLETE, model_messages__isnull=False)
         )
         .order_by("-seq")
         .values_list("pk", "status", "lease_expires_at", "metadata", "model_messages")[: turns + 1]
     )
     running = None
-    if rows and rows[0][1] == Message.Status.IN_PROGRESS:
-        message_id, _, lease_expires_at, metadata, _ = rows.pop(0)
-        running = Running(message_id, lease_expires_at, metadata)
+    if rows and rows[0][1] in Message.OPEN:
+        message_id, status, lease_expires_at, metadata, _ = rows.pop(0)
+        running = Running(message_id, lease_expires_at, metadata, status)
     stored = [row[4] for row in rows[:turns]]
     history = ModelMessagesTypeAdapter.validate_python(list(chain.from_iterable(reversed(stored))))
     return ThreadState(running, history)
@@ -70,3 +72,19 @@ def run_answer_status(*, thread_id: uuid.UUID, user_id: uuid.UUID, message_id: u
     if status is None:
         raise NotFound("There is no such answer on this thread.")
     return status
+
+
+def approval_wait(*, message_id: uuid.UUID, now: datetime) -> bool:
+    """Whether an approval the answer waits for may still be decided (False: every pending one expired)."""
+    return Approval.objects.filter(message_id=message_id, status=Approval.Status.PENDING, expires_at__gt=now).exists()
+
+
+def answers_with_lapsed_approvals(*, now: datetime) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """Answers (thread id, message id) waiting for approvals that all expired: to go on, the model told so."""
+    lapsed = Approval.objects.filter(status=Approval.Status.PENDING, expires_at__lte=now)
+    waiting = Approval.objects.filter(status=Approval.Status.PENDING, expires_at__gt=now)
+    return list(
+        lapsed.exclude(message_id__in=waiting.values("message_id"))
+        .values_list("message__thread_id", "message_id")
+        .distinct()
+    )

@@ -5,18 +5,19 @@ without its finish (its process died) is marked `failed` with `run_interrupted` 
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 from pydantic_ai.messages import ModelMessage
+from pydantic_ai.tools import DeferredToolResults
 
-from bankagent.exceptions import NotFound, ThreadBusy
+from bankagent.exceptions import ApprovalLapsed, ApprovalPending, NotFound, ThreadBusy
 from bankagent.jsontypes import JSON, JSONObject
-from runs.selectors import Running, thread_state
-from threads.models import ONE_RUN_PER_THREAD, Message, Thread
+from runs.selectors import Running, approval_wait, thread_state
+from threads.models import ONE_RUN_PER_THREAD, Approval, Message, Thread
 
 INTERRUPTED: JSONObject = {
     "code": "run_interrupted",
@@ -33,6 +34,29 @@ class RunStart:
     assistant_message: Message
     history: list[ModelMessage]
     deps: object
+    query: str | None = None
+    """The question the model answers; None when an answer goes on after the customer's decision."""
+    deferred: DeferredToolResults | None = None
+    """The customer's decisions on the tool calls the answer waited for."""
+    earlier: list[ModelMessage] = field(default_factory=list)
+    """What the answer said before it stopped for approval: its saved messages begin with these."""
+    first_seq: int = 0
+    """The seq of the answer's last event so far: its events go on from there."""
+    decided: str | None = None
+    """The status the decision that let the answer go on gave its approval (`approved`, `denied`, `expired`)."""
+    approvals: list[JSONObject] = field(default_factory=list)
+    """The answer's decided approvals, `{id, tool, status}`, when it goes on after them."""
+
+
+@dataclass(frozen=True)
+class PendingCall:
+    """A tool call an answer stopped for: it waits for the customer's approval."""
+
+    id: uuid.UUID
+    tool_name: str
+    tool_call_id: str
+    args: JSONObject
+    expires_at: datetime
 
 
 @transaction.atomic
@@ -61,6 +85,10 @@ def run_begin(
     except Thread.DoesNotExist as exc:
         raise NotFound("Thread not found.") from exc
     state = thread_state(thread_id=thread.pk, turns=history_turns)
+    if state.running is not None and state.running.status == Message.Status.AWAITING_APPROVAL:
+        if approval_wait(message_id=state.running.message_id, now=now):
+            raise ApprovalPending()
+        raise ApprovalLapsed(state.running.message_id)
     # A run whose lease lapsed is taken over only if it really is interrupted: one that renewed meanwhile keeps it.
     if state.running is not None and not (state.running.lapsed(now) and _interrupt(state.running, now)):
         raise ThreadBusy()
@@ -85,7 +113,7 @@ def run_begin(
     Thread.objects.filter(pk=thread.pk).update(last_seq=F("last_seq") + 2, updated_at=now)
     thread.last_seq, thread.updated_at = thread.last_seq + 2, now
     deps = deps_for(thread.agent_type, user_id)
-    return RunStart(thread, user_message, assistant_message, state.history, deps)
+    return RunStart(thread, user_message, assistant_message, state.history, deps, query=query)
 
 
 def _refused_a_second_run(error: IntegrityError) -> bool:
@@ -143,20 +171,44 @@ def run_finish(
     output: JSON,
     metadata: JSONObject,
     model_messages: list[JSON] | None = None,
+    tool_calls: list[JSON] | None = None,
+    approvals: list[PendingCall] | None = None,
+    events_seq: int = 0,
 ) -> bool:
-    """Fill the assistant message of a finished run (complete, cancelled or failed); this releases the thread.
+    """Fill the assistant message of a finished run (complete, cancelled or failed), or of one stopped to wait for
+    the customer's approval of `approvals` (and save those, with the seq of the answer's last event); this releases
+    the thread, or leaves it to the answer waiting.
 
     False when the run no longer held its message: it was interrupted meanwhile, or its thread deleted.
     """
-    updated = Message.objects.filter(pk=message_id, status=Message.Status.IN_PROGRESS).update(
-        status=status,
-        content=content,
-        output=output,
-        metadata=metadata,
-        model_messages=model_messages,
-        lease_expires_at=None,
-    )
-    return bool(updated)
+    update = Message.objects.filter(pk=message_id, status=Message.Status.IN_PROGRESS).update
+    fields = {
+        "status": status,
+        "content": content,
+        "output": output,
+        "metadata": metadata,
+        "model_messages": model_messages,
+        "tool_calls": tool_calls or [],
+        "lease_expires_at": None,
+    }
+    if not approvals:
+        return bool(update(**fields))
+    with transaction.atomic():
+        if not update(**fields):
+            return False
+        Approval.objects.bulk_create(
+            Approval(
+                id=call.id,
+                message_id=message_id,
+                tool_name=call.tool_name,
+                tool_call_id=call.tool_call_id,
+                args=call.args,
+                expires_at=call.expires_at,
+                events_seq=events_seq,
+            )
+            for call in approvals
+        )
+    return True
 
 
 def runs_interrupt(*, thread_id: uuid.UUID | None = None) -> int:

@@ -41,7 +41,9 @@ from threads.models import Message, Thread
 THREADS = "/api/v1/threads"
 QUERY = "/api/v1/agent/query"
 THREAD_KEYS = {"id", "user_id", "agent_type", "title", "metadata", "created_at", "updated_at"}
-MESSAGE_KEYS = {"id", "thread_id", "role", "content", "output", "status", "metadata", "created_at"}
+MESSAGE_KEYS = {
+    *("id", "thread_id", "role", "content", "output", "status", "metadata", "tool_calls", "approval", "created_at"),
+}
 BALANCE_QUESTION = "What is my balance?"
 SECRET_SQL = 'UPDATE "threads_message" SET "content" = \'secret\' WHERE id = 1'
 SECRET_BODY = "provider said: sk-live-0123456789"
@@ -659,7 +661,8 @@ def test_query_answers_in_the_seed_shape_plus_user_message_id_and_output(client,
 
     assert response.status_code == 200, response.content
     body = response.json()
-    assert set(body) == {"thread_id", "message_id", "user_message_id", "response", "output", "status"}
+    assert set(body) == {"thread_id", "message_id", "user_message_id", "response", "output", "status", "approval"}
+    assert body["approval"] is None
     assert body["status"] == "complete"
     seed = AgentResponse.model_validate(body)
     assert seed.thread_id == thread.id

@@ -8,7 +8,8 @@ from pydantic_ai.messages import ToolCallPart
 
 from agents.bank_support import support_agent, support_deps
 from agents.demo import build_demo_model
-from runs.runner import run_blocking
+from bank.models import Card
+from runs.runner import decide_blocking, run_blocking
 from threads.models import Message
 
 
@@ -35,11 +36,35 @@ def test_transactions_question_lists_real_transactions(make_thread):
     assert "City Grocery" in answer.output["support_advice"]
 
 
-def test_lost_card_blocks_the_card_with_high_risk(make_thread):
-    answer = ask(make_thread(), "I lost my card")
-    assert answer.output["block_card"] is True
-    assert answer.output["risk_level"] >= 7
-    assert answer.output["follow_up_actions"]
+@pytest.mark.parametrize(
+    ("approved", "blocked", "says"),
+    [(True, True, "is now blocked"), (False, False, "I have not blocked your card")],
+    ids=["approved", "denied"],
+)
+def test_lost_card_asks_to_block_it_and_the_answer_says_what_the_decision_did(make_thread, approved, blocked, says):
+    thread = make_thread()
+    waiting = ask(thread, "I lost my card")
+    approval = waiting.approvals.get()
+    assert (waiting.status, waiting.output, approval.tool_name, approval.status) == (
+        "awaiting_approval",
+        None,
+        "block_card",
+        "pending",
+    )
+    card = Card.objects.get(customer__user_id=thread.user_id)
+    assert card.status == "active"
+
+    turn = async_to_sync(decide_blocking)(
+        user_id=thread.user_id, thread_id=thread.pk, approval_id=approval.pk, approved=approved, note=""
+    )
+
+    answer = Message.objects.get(pk=turn.assistant_message.pk)
+    card.refresh_from_db()
+    assert answer.pk == waiting.pk and answer.status == "complete"
+    assert answer.output["block_card"] is blocked
+    assert says in answer.output["support_advice"]
+    assert (card.status == "blocked", card.blocked_at is not None) == (blocked, blocked)
+    assert answer.output["risk_level"] >= 6
 
 
 def test_user_without_account_gets_a_clear_answer(make_thread, other_user_id):
@@ -69,14 +94,14 @@ def test_structured_answer_streams_in_growing_valid_chunks(db, user_id):
 
     async def stream() -> list[dict]:
         model = build_demo_model(delay_ms=0)
-        async with support_agent.run_stream("I lost my card", deps=deps, model=model) as result:
+        async with support_agent.run_stream("Show me my recent transactions", deps=deps, model=model) as result:
             return [partial async for partial in result.stream_output(debounce_by=None)]
 
     partials = async_to_sync(stream)()
     assert len(partials) > 5
     advice_lengths = [len(p.get("support_advice", "")) for p in partials]
     assert advice_lengths == sorted(advice_lengths)
-    assert partials[-1]["block_card"] is True
+    assert partials[-1]["block_card"] is False
     # Before the model wrote block_card, no partial shows a default for it.
     assert "block_card" not in partials[0]
     json.dumps(partials)

@@ -246,7 +246,7 @@ def saved_answer(thread_id: uuid.UUID) -> Message:
 # --- the tests --------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("query", ["What is my balance?", "I lost my card"])
+@pytest.mark.parametrize("query", ["What is my balance?", "Hello"])
 async def test_original_client_parses_every_line_of_a_legacy_key_stream(legacy_key, user_id, support_thread, query):
     body = stream_body(api_key=legacy_key, user_id=user_id, thread_id=support_thread.pk, query=query)
 
@@ -270,7 +270,7 @@ async def test_original_client_parses_every_line_of_a_legacy_key_stream(legacy_k
 
 
 async def test_original_client_fails_on_a_standard_key_stream(standard_key, user_id, support_thread):
-    body = stream_body(api_key=standard_key, user_id=user_id, thread_id=support_thread.pk, query="I lost my card")
+    body = stream_body(api_key=standard_key, user_id=user_id, thread_id=support_thread.pk, query="Hello")
 
     async with aclosing(body):
         with pytest.raises(ValueError, match=r"^Unknown event type: text_delta$"):
@@ -280,3 +280,23 @@ async def test_original_client_fails_on_a_standard_key_stream(standard_key, user
     # The client went away; the run went on and saved its answer.
     await runs_finished()
     assert (await saved_answer(support_thread.pk)).status == Message.Status.COMPLETE
+
+
+async def test_original_client_parses_a_stream_that_stops_for_the_customers_approval(
+    legacy_key, user_id, support_thread
+):
+    body = stream_body(api_key=legacy_key, user_id=user_id, thread_id=support_thread.pk, query="I lost my card")
+
+    async with aclosing(body):
+        chunks = [chunk async for chunk in parsed_stream(body)]
+
+    await runs_finished()
+    answer = await saved_answer(support_thread.pk)
+    assert answer.status == Message.Status.AWAITING_APPROVAL
+    # The approval events are left out, as tool events are: the client hears the answer end, empty.
+    assert [type(chunk) for chunk in chunks] == [
+        MessageCreatedChunk,
+        MessageStartedChunk,
+        MessageCompleteChunk,
+        DoneChunk,
+    ]

@@ -26,7 +26,7 @@ from websockets.sync.client import connect
 from runs import hub as hub_module
 from runs.hub import Hub, LocalRun
 from runs.limits import slots
-from runs.runner import open_run, release
+from runs.runner import open_run, question, release
 from tests.conftest import Caller, close_hubs, pubsub_layer
 from tests.live import TIMEOUT, LiveServer, free_port, request, server_env
 from threads.models import Thread
@@ -192,7 +192,8 @@ async def test_a_run_starts_while_redis_hangs_and_holds_no_slot_while_it_waits_f
     taken = slots.taken
     redis.hang()
     try:
-        opening = asyncio.ensure_future(open_run(user_id=thread.user_id, thread_id=thread.pk, query="Hello"))
+        take = question(user_id=thread.user_id, thread_id=thread.pk, query="Hello")
+        opening = asyncio.ensure_future(open_run(thread_id=thread.pk, take=take))
         async with asyncio.timeout(HANG_GUARD):
             while hub_module.hub()._joining_cancels is None:  # it waits for this process to join the cancels group
                 await asyncio.sleep(0)

@@ -33,7 +33,7 @@ from runs.broadcast import Broadcast
 from runs.hub import LocalRun, hub
 from runs.limits import slots
 from runs.pipeline import stream_answer
-from runs.runner import Turn, run_blocking, start_run, until_stopped
+from runs.runner import Turn, question, run_blocking, start_run, until_stopped
 from runs.selectors import thread_state
 from runs.services import RunStart, runs_interrupt
 from tests.conftest import saves_then_drops_the_connection
@@ -366,7 +366,7 @@ def test_blocking_run_whose_lease_is_lost_is_stopped_and_raises_run_interrupted(
     make_thread, use_model, settings, monkeypatch, free_slots
 ):
     settings.RUN_LEASE_SECONDS = 0.03  # renewed every 10 ms: the loss is noticed at once
-    monkeypatch.setattr(runs.runner, "ensure_sweeper", lambda: None)  # the sweep has tests of its own
+    monkeypatch.setattr(runs.runner, "ensure_sweeper", lambda go_on: None)  # the sweep has tests of its own
     thread = make_thread(agent_type="general_chat")
 
     @transaction.atomic  # the keeper renews on a connection of its own: not between these two
@@ -399,7 +399,7 @@ def test_blocking_run_whose_lease_is_lost_is_stopped_and_raises_run_interrupted(
 @pytest.mark.django_db(transaction=True)
 def test_lease_renewal_retries_after_a_database_error(make_thread, use_model, settings, monkeypatch, free_slots):
     settings.RUN_LEASE_SECONDS = 0.03  # renewed every 10 ms
-    monkeypatch.setattr(runs.runner, "ensure_sweeper", lambda: None)  # the sweep has tests of its own
+    monkeypatch.setattr(runs.runner, "ensure_sweeper", lambda go_on: None)  # the sweep has tests of its own
     thread = make_thread(agent_type="general_chat")
     renewals: list[str] = []
     renewed = []
@@ -473,7 +473,8 @@ def test_a_run_stopped_by_the_servers_shutdown_ends_with_run_interrupted_then_do
     thread = make_thread(agent_type="general_chat")
 
     async def shut_down_mid_answer() -> None:
-        started = await start_run(user_id=thread.user_id, thread_id=thread.pk, query="Hi", answer=answer, awaited=True)
+        take = question(user_id=thread.user_id, thread_id=thread.pk, query="Hi")
+        started = await start_run(thread_id=thread.pk, take=take, answer=answer, awaited=True)
         (the_run,) = runs.runner._RUNS
         while not any(event["event"] == "message_started" for event in broadcast_events):
             await asyncio.sleep(0)
@@ -506,7 +507,8 @@ def test_an_answer_saved_before_its_connection_failed_is_the_answer_not_an_inter
     thread = make_thread(agent_type="general_chat")
 
     async def ask() -> ApplicationError | None:
-        started = await start_run(user_id=thread.user_id, thread_id=thread.pk, query="Hi", answer=answer, awaited=True)
+        take = question(user_id=thread.user_id, thread_id=thread.pk, query="Hi")
+        started = await start_run(thread_id=thread.pk, take=take, answer=answer, awaited=True)
         return await started.finished
 
     assert async_to_sync(ask)() is None

@@ -22,6 +22,7 @@ OPERATIONS = {
     "agent_query": ("post", "/api/v1/agent/query"),
     "agent_stream": ("post", "/api/v1/agent/stream"),
     "run_events": ("get", "/api/v1/threads/{id}/runs/{message_id}/events"),
+    "approval_decide": ("post", "/api/v1/threads/{id}/approvals/{approval_id}"),
     "ws_ticket_create": ("post", "/api/v1/ws-tickets"),
     "health": ("get", "/api/v1/health"),
 }
@@ -57,6 +58,14 @@ EXPECTED_ERRORS = {
         {"502": {"model_error"}, "503": {"model_unavailable", "run_interrupted"}, "504": {"model_timeout"}},
     ],
     "agent_stream": [CALL, BODY, CSRF, RUN_START],
+    "approval_decide": [
+        CALL,
+        BODY,
+        CSRF,
+        {"400": {"invalid_text"}, "404": {"not_found"}, "409": {"approval_decided"}, "410": {"approval_expired"}},
+        {"502": {"model_error"}, "504": {"model_timeout"}},
+        {"503": {"overloaded", "model_not_configured", "model_unavailable", "run_interrupted"}},
+    ],
     "run_events": [
         CALL,
         {"400": {"invalid_resume"}, "404": {"not_found"}, "410": {"resume_expired"}, "503": {"service_unavailable"}},
@@ -159,7 +168,9 @@ def test_the_schema_and_the_docs_are_not_operations(schema):
 def test_request_bodies_are_json_only(schema, operations):
     assert "*/*" not in json.dumps(schema)
     with_body = {name for name, op in operations.items() if "requestBody" in op}
-    assert with_body == {"threads_create", "threads_update", "agent_query", "agent_stream", "ws_ticket_create"}
+    assert with_body == {
+        *("threads_create", "threads_update", "agent_query", "agent_stream", "ws_ticket_create", "approval_decide"),
+    }
     for name in with_body:
         assert list(operations[name]["requestBody"]["content"]) == ["application/json"]
 
@@ -274,9 +285,11 @@ def test_answers_carry_their_statuses(schema):
     assert component(schema, schemas["AgentResponse"]["properties"]["status"]["allOf"][0])["enum"] == [
         "complete",
         "incomplete",
+        "awaiting_approval",
     ]
     assert component(schema, schemas["Message"]["properties"]["status"]["allOf"][0])["enum"] == [
         "in_progress",
+        "awaiting_approval",
         "complete",
         "incomplete",
         "failed",

@@ -1,5 +1,5 @@
-"""The thread websocket: `query`, `cancel`, `resume` and `ping` frames in, the events of every run on the thread out,
-each of a run once and in order, a resumed run's missed ones first."""
+"""The thread websocket: `query`, `cancel`, `resume`, `approval` and `ping` frames in, the events of every run on the
+thread out, each of a run once and in order, a resumed run's missed ones first."""
 
 import asyncio
 import contextlib
@@ -29,11 +29,11 @@ from bankagent.throttling import check_run_throttles, throttling_on
 from identity.authentication import Principal, SocketCredentials, authenticate_socket
 from runs.events import Backlog, BacklogFull, Dialect, Event, encode, error_event
 from runs.hub import hub
-from runs.pipeline import start_stream
+from runs.pipeline import start_decision, start_stream
 from runs.resume import Catchup, resume, resume_point
 from threads.models import Thread
 from threads.selectors import thread_get_for_user
-from threads.serializers import QueryFrameSerializer
+from threads.serializers import ApprovalFrameSerializer, QueryFrameSerializer
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_NOT_FOUND = 4404
 
 
+FRAMES = frozenset({"query", "cancel", "resume", "approval", "ping"})
+
+
 def parse_frame(text: str | None) -> JSONObject:
     if text is None:
         raise BadFrame("Binary frames are not accepted: send JSON text.")
@@ -54,7 +57,7 @@ def parse_frame(text: str | None) -> JSONObject:
         frame = loads_strict(text)
     except ApplicationError as exc:
         raise BadFrame("The frame is not valid JSON.") from exc
-    if not isinstance(frame, dict) or frame.get("type") not in ("query", "cancel", "resume", "ping"):
+    if not isinstance(frame, dict) or frame.get("type") not in FRAMES:
         raise BadFrame()
     return frame
 
@@ -222,6 +225,25 @@ class ThreadConsumer(AsyncWebsocketConsumer):
             user_id=principal.user_id,
             thread_id=self.thread.pk,
             query=data["query"],
+            request_id=data.get("request_id"),
+        )
+
+    async def on_approval(self, frame: JSONObject) -> None:
+        """The customer's decision on a tool call an answer of the thread waits for: the answer goes on, streamed to
+        every socket on the thread."""
+        serializer = ApprovalFrameSerializer(data=frame)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        principal = await self._acting()
+        if throttling_on():
+            await db(check_run_throttles)(principal)
+        assert self.thread is not None
+        await start_decision(
+            user_id=principal.user_id,
+            thread_id=self.thread.pk,
+            approval_id=data["approval_id"],
+            approved=data["approved"],
+            note=data["note"],
             request_id=data.get("request_id"),
         )
 

@@ -35,9 +35,13 @@ class Message(models.Model):
 
     class Status(models.TextChoices):
         IN_PROGRESS = "in_progress", "in progress"
+        AWAITING_APPROVAL = "awaiting_approval", "awaiting approval"
         COMPLETE = "complete"
         INCOMPLETE = "incomplete"
         FAILED = "failed"
+
+    OPEN = (Status.IN_PROGRESS, Status.AWAITING_APPROVAL)
+    """An answer still to be finished: the thread takes no other question meanwhile."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     thread = models.ForeignKey(Thread, on_delete=models.CASCADE, related_name="messages")
@@ -46,8 +50,9 @@ class Message(models.Model):
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField(blank=True, default="")
     output = models.JSONField(null=True, blank=True)
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.COMPLETE)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.COMPLETE)
     metadata = models.JSONField(default=dict, blank=True)
+    tool_calls = models.JSONField(default=list, blank=True, help_text="The tools the answer used, with their results.")
     # pydantic-ai's own message list of the exchange this assistant message ends, tool calls included,
     # so that history replays exactly. Not part of the public shape.
     model_messages = models.JSONField(null=True, blank=True, editable=False)
@@ -60,8 +65,13 @@ class Message(models.Model):
         ordering = ["thread", "seq"]
         constraints = [
             models.UniqueConstraint(fields=["thread", "seq"], name="message_thread_seq"),
-            # One run at a time per thread, whatever any process does: a second answer being written is refused.
-            models.UniqueConstraint(fields=["thread"], condition=Q(status="in_progress"), name=ONE_RUN_PER_THREAD),
+            # One run at a time per thread, whatever any process does: a second answer being written, or one while
+            # an answer waits for the customer's approval, is refused.
+            models.UniqueConstraint(
+                fields=["thread"],
+                condition=Q(status__in=["in_progress", "awaiting_approval"]),
+                name=ONE_RUN_PER_THREAD,
+            ),
         ]
 
     def __str__(self) -> str:
@@ -75,3 +85,39 @@ class Message(models.Model):
             and self.lease_expires_at is not None
             and self.lease_expires_at <= timezone.now()
         )
+
+
+class Approval(models.Model):
+    """A tool call of an answer that waits for the customer's decision before it runs (blocking their card)."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        APPROVED = "approved"
+        DENIED = "denied"
+        EXPIRED = "expired"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="approvals")
+    tool_name = models.CharField(max_length=100)
+    tool_call_id = models.CharField(max_length=200)
+    args = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    expires_at = models.DateTimeField()
+    decided_at = models.DateTimeField(null=True, blank=True)
+    note = models.TextField(blank=True, default="")
+    events_seq = models.PositiveIntegerField(
+        default=0, editable=False, help_text="The seq of the answer's last event before it stopped for approval."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["message", "tool_call_id"], name="approval_one_per_call"),
+        ]
+        indexes = [
+            models.Index(fields=["expires_at"], condition=Q(status="pending"), name="approval_pending_expiry"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tool_name} ({self.status})"

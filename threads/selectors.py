@@ -5,7 +5,7 @@ import uuid
 from django.db.models import QuerySet
 
 from bankagent.exceptions import NotFound
-from threads.models import Message, Thread
+from threads.models import Approval, Message, Thread
 
 
 def parse_thread_id(raw: str) -> uuid.UUID:
@@ -39,3 +39,16 @@ def thread_latest_messages(*, thread: Thread, limit: int = 50) -> tuple[list[Mes
     """The latest `limit` messages in chronological order, and whether older ones exist."""
     newest_first = list(message_list(thread=thread).order_by("-seq")[: limit + 1])
     return newest_first[:limit][::-1], len(newest_first) > limit
+
+
+def with_pending_approvals(messages: list[Message]) -> list[Message]:
+    """The messages, each answer waiting for the customer's approval with what it waits for (`pending_approval`,
+    the first pending one): one query, and none when no answer waits."""
+    waiting = [message.pk for message in messages if message.status == Message.Status.AWAITING_APPROVAL]
+    found: dict[uuid.UUID, Approval] = {}
+    if waiting:
+        for approval in Approval.objects.filter(message_id__in=waiting, status=Approval.Status.PENDING):
+            found.setdefault(approval.message_id, approval)
+    for message in messages:
+        message.pending_approval = found.get(message.pk)
+    return messages

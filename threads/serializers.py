@@ -100,16 +100,59 @@ class ThreadUpdateSerializer(serializers.Serializer):
     metadata = MetadataField(required=False)
 
 
+class ApprovalSerializer(serializers.Serializer):
+    """A tool call the answer waits for the customer to approve before it runs."""
+
+    id = serializers.UUIDField()
+    tool = serializers.CharField(source="tool_name")
+    args = ObjectField()
+    expires_at = serializers.DateTimeField(help_text="Past it, a decision answers 410 `approval_expired`.")
+
+
+class ToolCallSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    args = ObjectField()
+    result = serializers.JSONField(
+        help_text="What the tool returned, whole (what the model was told, when it did not run)."
+    )
+    outcome = serializers.ChoiceField(
+        choices=["success", "failed", "denied", "pending"],
+        help_text="`denied`: the customer did not approve it; `pending`: it waits for their approval.",
+    )
+    duration_ms = serializers.IntegerField(
+        allow_null=True, help_text="How long it ran (its wait for approval not counted)."
+    )
+
+
 class MessageSerializer(serializers.ModelSerializer):
     thread_id = serializers.UUIDField(read_only=True)
     output = OutputField(read_only=True)
     metadata = ObjectField(
         read_only=True, help_text="On assistant messages the server adds `model`, `usage` and `duration_ms`."
     )
+    tool_calls = ToolCallSerializer(many=True, read_only=True, help_text="The tools the answer used, in order.")
+    approval = ApprovalSerializer(
+        source="pending_approval",
+        read_only=True,
+        allow_null=True,
+        default=None,
+        help_text="While the answer is `awaiting_approval`: what it waits for. Otherwise null.",
+    )
 
     class Meta:
         model = Message
-        fields = ["id", "thread_id", "role", "content", "output", "status", "metadata", "created_at"]
+        fields = [
+            "id",
+            "thread_id",
+            "role",
+            "content",
+            "output",
+            "status",
+            "metadata",
+            "tool_calls",
+            "approval",
+            "created_at",
+        ]
         read_only_fields = fields
 
 
@@ -168,9 +211,13 @@ class AgentResponseSerializer(serializers.Serializer):
     response = serializers.CharField(source="assistant_message.content")
     output = OutputField(source="assistant_message.output")
     status = serializers.ChoiceField(
-        choices=["complete", "incomplete"],
+        choices=["complete", "incomplete", "awaiting_approval"],
         source="assistant_message.status",
-        help_text="`complete`, or `incomplete` when the run was cancelled.",
+        help_text="`complete`, `incomplete` when the run was cancelled, or `awaiting_approval` when it stopped to "
+        "wait for the customer's approval (`approval`).",
+    )
+    approval = ApprovalSerializer(
+        source="assistant_message.pending_approval", allow_null=True, default=None, help_text="As the message's."
     )
 
 
@@ -178,3 +225,21 @@ class AgentSerializer(serializers.Serializer):
     agent_type = serializers.CharField()
     description = serializers.CharField()
     output_schema = ObjectField(help_text="The JSON Schema of the agent's output.")
+
+
+class ApprovalDecisionSerializer(serializers.Serializer):
+    approved = serializers.BooleanField(help_text="true: let the tool call run; false: it does not.")
+    note = TextField(max_length=1000, required=False, allow_blank=True, default="")
+
+    def to_internal_value(self, data: Any) -> Any:
+        # A decision is a JSON boolean: DRF would read "yes" or 1 as true.
+        if isinstance(data, dict) and "approved" in data and not isinstance(data["approved"], bool):
+            raise serializers.ValidationError({"approved": ["Must be true or false."]})
+        return super().to_internal_value(data)
+
+
+class ApprovalFrameSerializer(ApprovalDecisionSerializer):
+    """A websocket `approval` frame: the thread is the socket's."""
+
+    approval_id = IdField()
+    request_id = TextField(max_length=100, required=False)

@@ -15,6 +15,7 @@ from rest_framework.serializers import Serializer
 
 from agents.registry import AGENTS, agent_types
 from bankagent.async_views import AsyncAPIView
+from bankagent.db import db
 from bankagent.exceptions import (
     InvalidCursor,
     InvalidLimit,
@@ -32,6 +33,7 @@ from bankagent.schema import (
     AGENT_STREAM_EXAMPLES,
     BODY_ERRORS,
     CALL_ERRORS,
+    DECISION_ERRORS,
     RUN_ERRORS,
     RUN_START_ERRORS,
     SESSION_WRITE_ERRORS,
@@ -46,7 +48,7 @@ from runs.eventlog import last_seq
 from runs.events import Backlog, Dialect, Event, encode
 from runs.pipeline import start_stream
 from runs.resume import follow, resume_point
-from runs.runner import run_blocking
+from runs.runner import Turn, decide_blocking, run_blocking
 from runs.services import runs_interrupt
 from threads import selectors, services
 from threads.models import Message, Thread
@@ -54,6 +56,7 @@ from threads.serializers import (
     AgentQuerySerializer,
     AgentResponseSerializer,
     AgentSerializer,
+    ApprovalDecisionSerializer,
     MessageSerializer,
     ThreadCreateSerializer,
     ThreadDetailSerializer,
@@ -103,12 +106,13 @@ def validated(serializer_class: type[Serializer], data: object, **context: objec
 
 
 def repaired(thread: Thread, read: Callable[[], list[Message]]) -> list[Message]:
-    """Messages as `read` gives them, with an answer whose run died marked interrupted first."""
+    """Messages as `read` gives them, with an answer whose run died marked interrupted first, and each answer that
+    waits for the customer's approval with what it waits for."""
     messages = read()
     if any(message.run_lapsed for message in messages):
         runs_interrupt(thread_id=thread.pk)
         messages = read()
-    return messages
+    return selectors.with_pending_approvals(messages)
 
 
 def active_run(messages: list[Message]) -> dict[str, object] | None:
@@ -270,7 +274,50 @@ class AgentQueryView(AsyncAPIView):
     async def post(self, request: Request) -> Response:
         data = validated(AgentQuerySerializer, request.data)
         turn = await run_blocking(user_id=request.user.user_id, thread_id=data["thread_id"], query=data["query"])
-        return Response(AgentResponseSerializer(turn).data)
+        return await answered(turn)
+
+
+async def answered(turn: Turn) -> Response:
+    """A blocking run's exchange as the client gets it, with what an answer waiting for approval waits for."""
+    if turn.assistant_message.status == Message.Status.AWAITING_APPROVAL:
+        await db(selectors.with_pending_approvals)([turn.assistant_message])
+    return Response(AgentResponseSerializer(turn).data)
+
+
+class ApprovalDecisionView(AsyncAPIView):
+    """The customer's decision on a tool call an answer waits for: the answer goes on, and is returned."""
+
+    throttle_classes = RUN_THROTTLES
+
+    @extend_schema(
+        operation_id="approval_decide",
+        parameters=[
+            THREAD_ID,
+            OpenApiParameter(
+                "approval_id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The approval to decide."
+            ),
+        ],
+        request=ApprovalDecisionSerializer,
+        responses={
+            200: AgentResponseSerializer,
+            **errors(*CALL_ERRORS, *BODY_ERRORS, *SESSION_WRITE_ERRORS, *DECISION_ERRORS),
+        },
+    )
+    async def post(self, request: Request, pk: str, approval_id: str) -> Response:
+        thread_id = selectors.parse_thread_id(pk)
+        try:
+            approval = uuid.UUID(approval_id)
+        except ValueError as exc:
+            raise NotFound("There is no such approval on this thread.") from exc
+        data = validated(ApprovalDecisionSerializer, request.data)
+        turn = await decide_blocking(
+            user_id=request.user.user_id,
+            thread_id=thread_id,
+            approval_id=approval,
+            approved=data["approved"],
+            note=data["note"],
+        )
+        return await answered(turn)
 
 
 class AgentStreamView(AsyncAPIView):
