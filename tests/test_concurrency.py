@@ -23,11 +23,12 @@ from django.test import Client
 from django.utils import timezone
 from websockets.sync.client import connect
 
+from bank.models import Card
 from bankagent.exceptions import ThreadBusy
 from runs.services import INTERRUPTED, runs_interrupt, runs_renew
 from tests.conftest import Caller, admin_rename, begin_run
 from tests.live import TIMEOUT, LiveServer, ModelCall, ModelServer, request, server_env, shape
-from threads.models import Message, Thread
+from threads.models import Approval, Message, Thread
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -382,3 +383,84 @@ def test_an_admin_edit_racing_a_run_leaves_the_runs_numbering_and_the_thread_ans
     assert reply.status == 200, reply.body
     assert_invariants(thread, model.calls)
     assert thread.last_seq == 4
+
+
+# --- decisions on an approval racing each other ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["one process", "two processes"])
+def demo_servers(request, django_db_setup, tmp_path_factory) -> Iterator[list[LiveServer]]:
+    """Servers whose model is the offline demo model: "I lost my card" stops for the customer's approval."""
+    overrides = {"AGENT_MODEL": "demo"}
+    if request.param > 1:
+        if not settings.REDIS_URL:
+            pytest.skip("two processes share their runs' events and cancels through Redis: needs REDIS_URL")
+        overrides["REDIS_URL"] = settings.REDIS_URL
+    folder = tmp_path_factory.mktemp("demo-servers")
+    started = [LiveServer("granian", server_env(**overrides), folder / f"demo-{n}.log") for n in range(request.param)]
+    try:
+        for server in started:
+            server.start(healthy=True)
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture
+def john(demo_customer, caller) -> Caller:
+    """The demo customer, whose one card the bank support agent may block."""
+    return Caller(key=caller.key, user_id=demo_customer.user_id)
+
+
+def stop_for_approval(server: LiveServer, john: Caller) -> tuple[Thread, dict]:
+    thread = Thread.objects.create(user_id=john.user_id, agent_type="bank_support")
+    reply = request(server.port, "POST", "/api/v1/agent/query", john.headers, query_body(thread, "I lost my card"))
+    assert reply.status == 200, reply.body
+    body = json.loads(reply.body)
+    assert body["status"] == "awaiting_approval"
+    return thread, body["approval"]
+
+
+def test_decisions_on_one_approval_at_once_exactly_one_wins_and_the_card_is_as_it_decided(demo_servers, john):
+    card = Card.objects.get(customer__user_id=john.user_id)
+    for round_ in range(ROUNDS):
+        Card.objects.filter(pk=card.pk).update(status=Card.Status.ACTIVE, blocked_at=None)
+        thread, approval = stop_for_approval(demo_servers[0], john)
+        path = f"/api/v1/threads/{thread.pk}/approvals/{approval['id']}"
+        choices = [n % 2 == round_ % 2 for n in range(BURST)]
+
+        replies = race(
+            *(
+                partial(request, demo_servers[n % len(demo_servers)].port, "POST", path, john.headers, {"approved": c})
+                for n, c in enumerate(choices)
+            )
+        )
+
+        statuses = sorted(reply.status for reply in replies)
+        assert statuses == [200] + [409] * (BURST - 1), [(r.status, r.body) for r in replies]
+        (won,) = (choice for choice, reply in zip(choices, replies, strict=True) if reply.status == 200)
+        assert {json.loads(r.body)["error"]["code"] for r in replies if r.status == 409} == {"approval_decided"}
+        card.refresh_from_db()
+        assert card.status == ("blocked" if won else "active")
+        assert Approval.objects.get(pk=approval["id"]).status == ("approved" if won else "denied")
+        answer = Message.objects.get(thread=thread, role="assistant")
+        assert (answer.status, answer.output["block_card"]) == ("complete", won)
+        assert_invariants(thread, [])
+
+
+def test_an_approval_survives_its_servers_death_and_the_decision_after_the_restart_blocks_the_card(demo_servers, john):
+    if len(demo_servers) > 1:
+        pytest.skip("one process is enough to die")
+    (server,) = demo_servers
+    thread, approval = stop_for_approval(server, john)
+
+    server.kill()
+    server.start(healthy=True)
+    reply = request(
+        server.port, "POST", f"/api/v1/threads/{thread.pk}/approvals/{approval['id']}", john.headers, {"approved": True}
+    )
+
+    assert reply.status == 200, (reply.body, server.log_tail())
+    assert json.loads(reply.body)["output"]["block_card"] is True
+    assert Card.objects.get(customer__user_id=john.user_id).status == "blocked"
