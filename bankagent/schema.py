@@ -204,6 +204,17 @@ def _event(name: str, description: str, required: dict | None = None, optional: 
     }
 
 
+APPROVAL = {
+    "type": "object",
+    "description": "A tool call that waits for the customer's approval before it runs.",
+    "required": ["id", "tool", "args", "expires_at"],
+    "properties": {
+        "id": UUID,
+        "tool": {"type": "string"},
+        "args": {"type": "object"},
+        "expires_at": {"type": "string", "format": "date-time", "description": "Past it: 410 `approval_expired`."},
+    },
+}
 DELTA = {
     "token": {
         "type": "string",
@@ -248,11 +259,36 @@ EVENTS = {
             },
         },
     ),
+    "ApprovalRequiredEvent": _event(
+        "approval_required",
+        "The model called a tool that needs the customer's approval (blocking their card): the run stops; "
+        "`message_complete` (status `awaiting_approval`) and `done` follow. Decide with `POST "
+        "/api/v1/threads/{id}/approvals/{approval.id}` or the websocket frame `approval` (not sent in the legacy "
+        "dialect).",
+        {"approval": APPROVAL},
+    ),
+    "ApprovalDecidedEvent": _event(
+        "approval_decided",
+        "The answer goes on after the customer's decision (or its expiry): the first event of its continuation, "
+        "whose `seq` goes on from the run that stopped (not sent in the legacy dialect).",
+        {
+            "approval": {
+                "type": "object",
+                "required": ["id", "tool", "status"],
+                "properties": {
+                    "id": UUID,
+                    "tool": {"type": "string"},
+                    "status": {"type": "string", "enum": ["approved", "denied", "expired"]},
+                },
+            }
+        },
+    ),
     "MessageCompleteEvent": _event(
         "message_complete",
-        "The answer is saved: `complete`, or `incomplete` when it was cancelled (what was written so far is kept).",
+        "The answer is saved: `complete`, `incomplete` when it was cancelled (what was written so far is kept), "
+        "or `awaiting_approval` when it stopped for the customer's approval.",
         {
-            "status": {"type": "string", "enum": ["complete", "incomplete"]},
+            "status": {"type": "string", "enum": ["complete", "incomplete", "awaiting_approval"]},
             "content": {"type": "string", "description": "As the message's `content`."},
             "output": OUTPUT,
         },
@@ -269,7 +305,8 @@ EVENTS = {
 }
 STREAM_EVENT = {
     "description": "One line of the stream. In order: message_created, message_started, then text_delta, tool_call "
-    "and tool_result as the answer is written, message_complete, done; on failure error then done.",
+    "and tool_result as the answer is written, message_complete, done; on failure error then done; stopped for "
+    "approval, approval_required before message_complete.",
     "oneOf": [{"$ref": f"#/components/schemas/{name}"} for name in EVENTS],
     "discriminator": {
         "propertyName": "event",
@@ -454,6 +491,29 @@ STREAM_EVENT_EXAMPLES = [
                 {"event": "error", "error": ModelTimeout.default_detail, "error_type": ModelTimeout.default_code},
             ),
             ("done", {"event": "done"}),
+            (
+                "approval_required",
+                {
+                    "event": "approval_required",
+                    "approval": {
+                        "id": "5f0c2d36-8b5e-4a0e-9f3e-1d8a8f2c7b11",
+                        "tool": "block_card",
+                        "args": {},
+                        "expires_at": "2026-01-01T12:15:00Z",
+                    },
+                },
+            ),
+            (
+                "approval_decided",
+                {
+                    "event": "approval_decided",
+                    "approval": {
+                        "id": "5f0c2d36-8b5e-4a0e-9f3e-1d8a8f2c7b11",
+                        "tool": "block_card",
+                        "status": "approved",
+                    },
+                },
+            ),
         ],
         start=1,
     )

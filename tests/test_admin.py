@@ -195,3 +195,18 @@ def test_saving_a_thread_in_the_admin_writes_only_what_it_edits_not_the_turns_a_
     assert (thread.title, thread.last_seq) == ("After", 2)
     finished_turn(thread, query="And the next question")  # numbered after the run, as the database has it
     assert list(Message.objects.filter(thread=thread).values_list("seq", flat=True)) == [1, 2, 3, 4]
+
+
+def test_an_answer_page_shows_what_it_asked_to_approve_and_the_tools_it_used(admin_client, make_thread, demo_customer):
+    from asgiref.sync import async_to_sync
+
+    from runs.runner import run_blocking
+
+    thread = make_thread()
+    turn = async_to_sync(run_blocking)(user_id=thread.user_id, thread_id=thread.pk, query="I lost my card")
+
+    page = admin_client.get(f"/admin/threads/message/{turn.assistant_message.pk}/change/").content.decode()
+    customer = admin_client.get(f"/admin/bank/customer/{demo_customer.pk}/change/").content.decode()
+
+    assert "awaiting approval" in page and "block_card" in page and "pending" in page
+    assert "Blocked at" in customer

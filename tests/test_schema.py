@@ -81,6 +81,8 @@ STREAM_EVENT_NAMES = {
     "tool_call",
     "tool_result",
     "message_complete",
+    "approval_required",
+    "approval_decided",
     "error",
     "done",
 }

@@ -3,7 +3,7 @@ import json
 from django.contrib import admin
 from django.utils.html import format_html
 
-from threads.models import Message, Thread
+from threads.models import Approval, Message, Thread
 
 
 def pretty_json(value: object) -> str:
@@ -53,14 +53,31 @@ class ThreadAdmin(admin.ModelAdmin):
             obj.save(update_fields=[*form.changed_data, "updated_at"])
 
 
+class ApprovalInline(admin.TabularInline):
+    """What the answer asked the customer to approve, and what they decided."""
+
+    model = Approval
+    fields = ["tool_name", "args", "status", "expires_at", "decided_at", "note"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
     list_display = ["__str__", "thread", "role", outcome, "created_at"]
     list_filter = ["role", "status", "created_at"]
     search_fields = ["thread__id", "thread__user_id", "content"]
     list_select_related = ["thread"]
-    fields = ["id", "thread", "seq", "role", outcome, "content", "output_json", "metadata_json", "history_json"]
+    fields = [
+        *("id", "thread", "seq", "role", outcome, "content", "output_json", "tool_calls_json", "metadata_json"),
+        "history_json",
+    ]
     readonly_fields = fields
+    inlines = [ApprovalInline]
 
     def has_add_permission(self, request) -> bool:
         return False
@@ -71,6 +88,10 @@ class MessageAdmin(admin.ModelAdmin):
     @admin.display(description="output")
     def output_json(self, message: Message) -> str:
         return pretty_json(message.output)
+
+    @admin.display(description="tool calls")
+    def tool_calls_json(self, message: Message) -> str:
+        return pretty_json(message.tool_calls)
 
     @admin.display(description="metadata")
     def metadata_json(self, message: Message) -> str:
