@@ -23,7 +23,8 @@ from bankagent.jsontypes import JSON
 from runs.broadcast import Broadcast
 from runs.events import Backlog
 from runs.keeper import Progress
-from runs.runner import Run, decision, final_content, question, start_run
+from runs.lease import Run, decision, final_content, question
+from runs.runner import start_run
 from threads.models import Approval
 
 VALIDATE_EVERY_CHUNKS = 4
@@ -137,7 +138,7 @@ async def start_stream(
 ) -> Backlog | None:
     """Take the thread and start its run, streamed, in the background: its events go to every reader of the
     thread, and to the backlog returned when the caller listens. Raises before anything is written when the run
-    cannot start (see `runs.runner.open_run`)."""
+    cannot start (see `runs.lease.open_run`)."""
     take = question(user_id=user_id, thread_id=thread_id, query=query)
     started = await start_run(
         thread_id=thread_id, take=take, answer=stream_answer, request_id=request_id, listen=listen

@@ -18,6 +18,7 @@ from pydantic_ai import models
 from pydantic_ai.models.function import FunctionModel
 from rest_framework.test import APIClient
 
+import runs.lease
 import runs.runner
 from bank.models import DEMO_USER_ID, Customer
 from bank.seed import demo_customer_create
@@ -264,8 +265,8 @@ def admin_rename(staff: Client, thread: Thread, title: str, *, meanwhile: Callab
 def saves_then_drops_the_connection(monkeypatch) -> list[bool]:
     """Make the first save of an answer commit and then lose its connection, as a database that drops it right after
     the commit does; returns what each save attempt found (True: it saved the answer)."""
-    monkeypatch.setattr(runs.runner, "SAVE_RETRY_DELAYS", (0,))
-    real_finish = runs.runner.run_finish
+    monkeypatch.setattr(runs.lease, "SAVE_RETRY_DELAYS", (0,))
+    real_finish = runs.lease.run_finish
     attempts: list[bool] = []
 
     def committed_then_the_connection_dropped(**kwargs: object) -> bool:
@@ -274,7 +275,7 @@ def saves_then_drops_the_connection(monkeypatch) -> list[bool]:
             raise OperationalError("server closed the connection unexpectedly")
         return saved
 
-    monkeypatch.setattr(runs.runner, "run_finish", committed_then_the_connection_dropped)
+    monkeypatch.setattr(runs.lease, "run_finish", committed_then_the_connection_dropped)
     return attempts
 
 

@@ -29,6 +29,7 @@ from pydantic_ai.exceptions import (
 from pydantic_ai.messages import ModelResponse, TextPart
 from rest_framework.test import APIClient
 
+import runs.lease
 import runs.runner
 from bankagent.db import db
 from identity.models import APIKey
@@ -935,7 +936,7 @@ def test_query_while_the_database_stays_busy_is_503_database_busy_and_writes_not
     def database_busy(**kwargs: object) -> None:
         raise busy()
 
-    monkeypatch.setattr(runs.runner, "run_begin", database_busy)
+    monkeypatch.setattr(runs.lease, "run_begin", database_busy)
     thread = make_thread()
     before = snapshot(thread)
 
@@ -1010,7 +1011,7 @@ def test_database_error_while_saving_the_answer_is_a_clean_json_error_and_the_qu
     def saving_fails(**kwargs: object) -> bool:
         raise fault()
 
-    monkeypatch.setattr(runs.runner, "run_finish", saving_fails)
+    monkeypatch.setattr(runs.lease, "run_finish", saving_fails)
     thread = make_thread()
 
     response = ask(client, thread.id)

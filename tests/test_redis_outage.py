@@ -25,8 +25,8 @@ from websockets.sync.client import connect
 
 from runs import hub as hub_module
 from runs.hub import Hub, LocalRun
+from runs.lease import open_run, question, release
 from runs.limits import slots
-from runs.runner import open_run, question, release
 from tests.conftest import Caller, close_hubs, pubsub_layer
 from tests.live import TIMEOUT, LiveServer, free_port, request, server_env
 from threads.models import Thread

@@ -26,14 +26,16 @@ from pydantic_ai.messages import (
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 import runs.keeper
+import runs.lease
 import runs.runner
 from bankagent.db import db
 from bankagent.exceptions import ApplicationError, ModelError, ModelNotConfigured, RunInterrupted
 from runs.broadcast import Broadcast
 from runs.hub import LocalRun, hub
+from runs.lease import Turn, question, until_stopped
 from runs.limits import slots
 from runs.pipeline import stream_answer
-from runs.runner import Turn, question, run_blocking, start_run, until_stopped
+from runs.runner import run_blocking, start_run
 from runs.selectors import thread_state
 from runs.services import RunStart, runs_interrupt
 from tests.conftest import saves_then_drops_the_connection
@@ -260,7 +262,7 @@ def test_blocking_run_whose_answer_cannot_be_saved_broadcasts_error_then_done(
     def broken_finish(**kwargs: object) -> bool:
         raise DatabaseError("server closed the connection unexpectedly")
 
-    monkeypatch.setattr(runs.runner, "run_finish", broken_finish)
+    monkeypatch.setattr(runs.lease, "run_finish", broken_finish)
 
     with pytest.raises(ApplicationError) as raised:
         run(make_thread(agent_type="general_chat"), "Hi")
@@ -332,7 +334,7 @@ def test_blocking_run_answers_when_its_caller_goes_away_while_the_lease_is_being
     thread = make_thread(agent_type="general_chat")
     use_model(lambda messages, info: ModelResponse(parts=[TextPart("Answered all the same")]))
     taking, may_take = [], threading.Event()
-    real_begin = runs.runner.run_begin
+    real_begin = runs.lease.run_begin
 
     def begin_once_allowed(**kwargs: object) -> RunStart:
         loop, event = taking[0]
@@ -340,7 +342,7 @@ def test_blocking_run_answers_when_its_caller_goes_away_while_the_lease_is_being
         may_take.wait(timeout=30)
         return real_begin(**kwargs)
 
-    monkeypatch.setattr(runs.runner, "run_begin", begin_once_allowed)
+    monkeypatch.setattr(runs.lease, "run_begin", begin_once_allowed)
 
     async def caller_goes_away() -> None:
         taking.append((asyncio.get_running_loop(), asyncio.Event()))

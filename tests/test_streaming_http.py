@@ -34,7 +34,7 @@ from pydantic_ai.settings import ModelSettings
 from agents.demo import build_demo_model
 from bankagent.asgi import application
 from identity.models import APIKey
-from runs import keeper, runner
+from runs import keeper, lease, runner
 from runs.broadcast import Broadcast
 from tests.conftest import begin_run
 from threads.models import Message, Thread
@@ -726,14 +726,14 @@ async def test_stream_answers_when_its_client_goes_away_while_the_lease_is_being
     stream_client, chat_thread, monkeypatch
 ):
     loop, taking, may_take = asyncio.get_running_loop(), asyncio.Event(), threading.Event()
-    real_begin = runner.run_begin
+    real_begin = lease.run_begin
 
     def begin_once_allowed(**kwargs: Any) -> Any:
         loop.call_soon_threadsafe(taking.set)
         may_take.wait(timeout=TIMEOUT)
         return real_begin(**kwargs)
 
-    monkeypatch.setattr(runner, "run_begin", begin_once_allowed)
+    monkeypatch.setattr(lease, "run_begin", begin_once_allowed)
     communicator = await stream_client.send(chat_thread.pk, "Write me a poem")
     await taking.wait()
 
@@ -913,7 +913,7 @@ async def test_database_error_while_saving_the_answer_ends_with_error_then_done(
     def database_down(**kwargs: Any) -> bool:
         raise OperationalError("server closed the connection unexpectedly")
 
-    monkeypatch.setattr(runner, "run_finish", database_down)
+    monkeypatch.setattr(lease, "run_finish", database_down)
 
     response = await stream_client.post(chat_thread.pk, "Hello")
 

@@ -46,9 +46,10 @@ from bankagent.throttling import RUN_THROTTLES
 from identity.tickets import ticket_issue
 from runs.eventlog import last_seq
 from runs.events import Backlog, Dialect, Event, encode
+from runs.lease import Turn
 from runs.pipeline import start_stream
 from runs.resume import follow, resume_point
-from runs.runner import Turn, decide_blocking, run_blocking
+from runs.runner import decide_blocking, run_blocking
 from runs.services import runs_interrupt
 from threads import selectors, services
 from threads.models import Message, Thread
