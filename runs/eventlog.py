@@ -3,6 +3,8 @@
 Each event of a run carries `seq`, 1, 2, 3 … within its answer. This process keeps the events of the runs it
 serves (`local_log`); with Redis, every run's events also go to a Redis stream of their own (`SharedLog`), so that
 any process can give them again. A resume reads both, and gets every event after the one it names, in order.
+Without Redis the process keeps at most LOCAL_ENDED_MAX ended runs, so a resume of an older one may find it
+expired before RUN_EVENTS_TTL_SECONDS, and reads the thread instead.
 
 What is kept is bounded per run: a structured answer's partial outputs are cumulative, so of consecutive ones only
 the latest is kept; past RUN_EVENTS_MAX events the oldest go, and a resume from before them finds nothing.
@@ -27,6 +29,13 @@ logger = logging.getLogger(__name__)
 
 RUN_EVENTS_MAX = 10_000
 """Events kept of one run, at most (a structured answer's partial outputs count once a run of them)."""
+
+LOCAL_ENDED_MAX = 1_000
+"""Ended runs this process keeps, at most: the oldest go first, whatever their age."""
+
+LOCAL_ENDED_SECONDS_WITH_REDIS = 30
+"""How long this process keeps an ended run when Redis keeps it too: long enough to cover a Redis that missed its
+last events, short enough that a busy process does not hold minutes of answers twice."""
 
 
 def _is_delta(event: Event) -> bool:
@@ -93,10 +102,13 @@ class LocalLog:
         return kept.events[-1]["seq"] if kept is not None and kept.events else None
 
     def _forget_expired(self) -> None:
-        horizon = time.monotonic() - settings.RUN_EVENTS_TTL_SECONDS
+        kept_for = settings.RUN_EVENTS_TTL_SECONDS
+        if settings.REDIS_URL:
+            kept_for = min(kept_for, LOCAL_ENDED_SECONDS_WITH_REDIS)
+        horizon = time.monotonic() - kept_for
         while self.ended:
             message_id, ended_at = next(iter(self.ended.items()))
-            if ended_at > horizon:
+            if ended_at > horizon and len(self.ended) <= LOCAL_ENDED_MAX:
                 break
             del self.ended[message_id]
             self.runs.pop(message_id, None)

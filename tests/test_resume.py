@@ -386,3 +386,43 @@ async def test_the_thread_names_its_active_run_and_the_seq_to_resume_from(thread
 
     assert detail.json()["active_run"] == {"message_id": had[-1]["message_id"], "last_seq": had[-1]["seq"]}
     assert after.json()["active_run"] is None
+
+
+def logged_run(log: eventlog.LocalLog, message_id: str) -> None:
+    for seq, name in enumerate(["message_started", "text_delta", "message_complete", "done"], 1):
+        log.append(message_id, {"event": name, "message_id": message_id, "seq": seq}, cumulative=False)
+
+
+@pytest.fixture
+def clock(monkeypatch) -> list[float]:
+    now = [1000.0]
+    monkeypatch.setattr(eventlog, "time", type("Clock", (), {"monotonic": staticmethod(lambda: now[0])}))
+    return now
+
+
+@pytest.mark.parametrize(("redis_url", "kept_for"), [("", 300), ("redis://127.0.0.1:6379/0", 30)])
+def test_the_process_keeps_an_ended_run_for_the_ttl_alone_and_briefly_when_redis_keeps_it(
+    settings, clock, redis_url, kept_for
+):
+    settings.REDIS_URL, settings.RUN_EVENTS_TTL_SECONDS = redis_url, 300
+    log = eventlog.LocalLog()
+    logged_run(log, "ended")
+    log.append("live", {"event": "message_started", "message_id": "live", "seq": 1}, cumulative=False)
+    clock[0] += kept_for - 1
+    logged_run(log, "other")
+    assert [event["seq"] for event in log.since("ended", 0)] == [1, 2, 3, 4]
+    clock[0] += 1
+    log.append("other", {"event": "done", "message_id": "other", "seq": 5}, cumulative=False)
+    assert log.since("ended", 0) is None
+    assert log.since("live", 0) == [{"event": "message_started", "message_id": "live", "seq": 1}]
+
+
+def test_the_process_keeps_at_most_so_many_ended_runs_the_oldest_going_first(settings, clock, monkeypatch):
+    settings.REDIS_URL = ""
+    monkeypatch.setattr(eventlog, "LOCAL_ENDED_MAX", 3)
+    log = eventlog.LocalLog()
+    log.append("live", {"event": "message_started", "message_id": "live", "seq": 1}, cumulative=False)
+    for number in range(5):
+        logged_run(log, f"run-{number}")
+    log.append("live", {"event": "text_delta", "message_id": "live", "seq": 2}, cumulative=False)
+    assert [message_id for message_id in log.runs if log.since(message_id, 0)] == ["live", "run-2", "run-3", "run-4"]
