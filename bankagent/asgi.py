@@ -12,6 +12,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import OriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from bankagent.context import ASGIRequestId  # noqa: E402
 from bankagent.middleware import ASGIBodyLimit, ASGIHeadWithoutBody  # noqa: E402
 from threads.routing import websocket_urlpatterns  # noqa: E402
 
@@ -23,13 +24,15 @@ class BrowserOriginValidator(OriginValidator):
         return parsed_origin is None or super().valid_origin(parsed_origin)
 
 
-application = ProtocolTypeRouter(
-    {
-        "http": ASGIHeadWithoutBody(ASGIBodyLimit(django_asgi_app)),
-        "websocket": BrowserOriginValidator(
-            AuthMiddlewareStack(URLRouter(websocket_urlpatterns)), settings.ALLOWED_HOSTS
-        ),
-    }
+application = ASGIRequestId(
+    ProtocolTypeRouter(
+        {
+            "http": ASGIHeadWithoutBody(ASGIBodyLimit(django_asgi_app)),
+            "websocket": BrowserOriginValidator(
+                AuthMiddlewareStack(URLRouter(websocket_urlpatterns)), settings.ALLOWED_HOSTS
+            ),
+        }
+    )
 )
 
 # Everything imported so far lives as long as the process: leave it out of every garbage collection from now on,
