@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.jsonl"
 USER_ID = "123e4567-e89b-12d3-a456-426614174000"
 QUESTION = "What is my balance?"
-SOCKET_QUESTION = "I lost my card"
+SOCKET_QUESTION = QUESTION
+"""A tool call and a whole answer (a lost card now stops to wait for the customer's approval)."""
 TURNS_PER_THREAD = 5
 WARMUP_OPS = 30
 POSTGRES_ADMIN = "postgres://postgres@127.0.0.1:5432/postgres"
@@ -223,6 +224,23 @@ def prepare_environment(args: argparse.Namespace) -> dict[str, str]:
 
     django.setup()
     return env
+
+
+RUN_EVENT_LOGS = "bankagent:run-events:*"
+
+
+def run_event_logs(redis_url: str, *, forget: bool = False) -> dict[str, object]:
+    """What the runs' event logs hold in Redis: how many, and their memory (Redis's own estimate) per run."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(RUN_EVENT_LOGS, count=1000))
+    if forget:
+        if keys:
+            client.delete(*keys)
+        return {}
+    sizes = [client.memory_usage(key, samples=0) or 0 for key in keys]
+    return {"run_event_logs": len(keys), "run_event_log_kib": round(sum(sizes) / max(len(keys), 1) / 1024, 1)}
 
 
 def create_key() -> str:
@@ -671,12 +689,17 @@ async def run_plan(args: argparse.Namespace, env: dict[str, str]) -> None:
     }
     print(" ".join(f"{k}={v}" for k, v in meta.items() if v), flush=True)
     for name, clients, requests, delay in plan(args):
+        shared = not EXTERNAL and env.get("REDIS_URL")
+        if shared:
+            run_event_logs(env["REDIS_URL"], forget=True)
         server = external_server(args) if EXTERNAL else start_server(args, env, delay)
         try:
             result = await SCENARIOS[name](server, EXTERNAL.key if EXTERNAL else key, clients, requests)
         finally:
             if not EXTERNAL:
                 server.stop()
+        if shared:
+            result.notes.update(run_event_logs(env["REDIS_URL"]))
         summary = {**result.summary(), "demo_delay_ms": delay}
         print_row(summary)
         if args.record:
