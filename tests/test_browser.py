@@ -7,6 +7,7 @@ unless BROWSER_TESTS=required (as in CI), where that is a failure.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +20,7 @@ from django.core.management import call_command
 from django.db import connection
 
 from agents.demo_script import POEM
+from bank.models import DEMO_USER_ID, Card
 from tests.conftest import finished_turn
 from tests.live import ROOT, LiveServer, server_env
 from threads.models import Message, Thread
@@ -156,6 +158,43 @@ def last_answer(page):
     return page.locator(".message.assistant").last
 
 
+def approval_card(within, action: str = "Block your card"):
+    return within.get_by_role("group", name=f"Approval needed: {action}")
+
+
+async def demo_card() -> Card:
+    return await Card.objects.aget(customer__user_id=DEMO_USER_ID)
+
+
+class Sockets:
+    """The page's thread websockets, routed through Playwright to the live server; like a slow network, it can hold
+    back the approval frames the page sends."""
+
+    def __init__(self) -> None:
+        self.holding_decisions = False
+        self.held_decisions: list[tuple] = []
+
+    async def route(self, page) -> None:
+        await page.route_web_socket(re.compile(r"/ws/v1/threads/"), self._opened)
+
+    def _opened(self, ws) -> None:
+        server = ws.connect_to_server()
+
+        def from_page(message: str | bytes) -> None:
+            if self.holding_decisions and json.loads(message)["type"] == "approval":
+                self.held_decisions.append((server, message))
+            else:
+                server.send(message)
+
+        ws.on_message(from_page)
+
+    def pass_decisions(self) -> None:
+        self.holding_decisions = False
+        for server, message in self.held_decisions:
+            server.send(message)
+        self.held_decisions.clear()
+
+
 async def test_bank_support_answer_streams_in_place_and_the_thread_keeps_it(page, service, demo_password):
     await sign_in(page, service, demo_password)
     await new_thread(page, "bank_support")
@@ -183,10 +222,22 @@ async def test_bank_support_answer_streams_in_place_and_the_thread_keeps_it(page
 
     await ask(page, "I lost my card")
     answer = last_answer(page)
-    await expect(answer.locator(".banner")).to_have_text("Your card has been blocked.")
+    # The answer stops to ask before the card is blocked, and goes on, in the same bubble, once approved.
+    await expect(answer).to_have_attribute("data-status", "awaiting_approval")
+    await expect(answer.locator(".tools")).to_have_text("Asked to block your card")
+    assert (await demo_card()).blocked_at is None
+    await approval_card(answer).get_by_role("button", name="Approve").click()
+    await expect(approval_card(answer).locator(".approval-outcome")).to_have_text("Approved")
     await expect(answer).to_have_attribute("data-status", "complete")
+    await expect(answer.locator(".banner")).to_be_visible()
+    await expect(answer.locator(".banner")).to_have_text("Your card has been blocked.")
+    await expect(answer.locator(".text")).to_contain_text("your card ending in 4242 is now blocked")
+    await expect(answer.locator(".tools")).to_have_text("Blocked your card")
     await expect(answer.locator(".risk")).to_have_attribute("data-level", "high")
-    await expect(answer.locator(".actions li")).to_contain_text(["Block the card", "Order a replacement card"])
+    await expect(answer.locator(".actions li")).to_have_text(["Order a replacement card", "Review recent transactions"])
+    await expect(approval_card(answer).get_by_role("button")).to_have_count(0)
+    card = await demo_card()
+    assert (card.status, card.blocked_at is not None) == (Card.Status.BLOCKED, True)
 
     thread = await sync_to_async(Thread.objects.get)()
     first_answer = await Message.objects.filter(role=Message.Role.ASSISTANT).order_by("seq").afirst()
@@ -197,6 +248,10 @@ async def test_bank_support_answer_streams_in_place_and_the_thread_keeps_it(page
     await expect(page.locator("#thread-title")).to_have_text("What is my balance?")
     await expect(page.locator(".message.user")).to_have_text(["What is my balance?", "I lost my card"])
     await expect(page.locator(".message.assistant").first).to_contain_text(BALANCE_FIGURE)
+    # The saved answers name the tools they used, as the stream did.
+    await expect(page.locator(".message.assistant .tools")).to_have_text(
+        ["Looked up your balance", "Blocked your card"]
+    )
     await expect(last_answer(page).locator(".banner")).to_be_visible()
     await expect(page.get_by_label("Your message")).to_be_focused()
     assert page.errors == []
@@ -269,6 +324,46 @@ async def test_dropped_socket_reconnects_and_reloads_the_thread(page, service, d
     await ask(page, "What is my balance?")
     await expect(last_answer(page).locator(".text")).to_contain_text(BALANCE_FIGURE)
     await expect(last_answer(page)).to_have_attribute("data-status", "complete")
+
+
+async def test_a_pending_approval_outlives_a_reload_and_denying_it_leaves_the_card_active(page, service, demo_password):
+    sockets = Sockets()
+    await sockets.route(page)
+    await sign_in(page, service, demo_password)
+    await new_thread(page, "bank_support")
+    await ask(page, "I lost my card")
+    answer = last_answer(page)
+    await expect(approval_card(answer)).to_be_visible()
+    await expect(answer.locator(".state")).to_have_text("Waiting for your approval.")
+    OUTPUT.mkdir(exist_ok=True)
+    await page.screenshot(path=OUTPUT / "chat-approval.png")
+
+    await page.reload()
+    answer = last_answer(page)
+    card = approval_card(answer)
+    await expect(answer.locator(".tools")).to_have_text("Asked to block your card")
+    await expect(card).to_contain_text("Decide by")
+    sockets.holding_decisions = True
+    await card.get_by_role("button", name="Deny").click()
+    # Until the server hears the decision, neither can be sent again.
+    await expect(card.get_by_role("button", name="Deny")).to_be_disabled()
+    await expect(card.get_by_role("button", name="Approve")).to_be_disabled()
+    sockets.pass_decisions()
+
+    await expect(card.locator(".approval-outcome")).to_have_text("Denied")
+    await expect(answer).to_have_attribute("data-status", "complete")
+    await expect(answer.locator(".text")).to_contain_text("I have not blocked your card: it is still active")
+    await expect(answer.locator(".tools")).to_have_text("Did not block your card: not approved")
+    await expect(answer.locator(".risk")).to_have_attribute("data-level", "medium")
+    await expect(answer.locator(".banner")).to_be_hidden()
+    card_row = await demo_card()
+    assert (card_row.status, card_row.blocked_at) == (Card.Status.ACTIVE, None)
+
+    await page.reload()
+    await expect(last_answer(page).locator(".tools")).to_have_text("Did not block your card: not approved")
+    await expect(last_answer(page).locator(".text")).to_contain_text("I have not blocked your card")
+    await expect(page.get_by_role("button", name="Approve")).to_have_count(0)
+    assert page.errors == []
 
 
 async def test_earlier_messages_load_on_demand(page, service, demo_password, demo_customer):
