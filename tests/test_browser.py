@@ -284,11 +284,6 @@ async def test_stop_marks_a_long_answer_incomplete_at_phone_width(page, service,
     await expect(answer.locator(".text")).not_to_be_empty()
     await expect(answer).to_have_attribute("data-status", "streaming")
 
-    # A second question while the answer is written is refused, readably, and its text is given back.
-    await ask(page, "And another one")
-    await expect(page.get_by_role("alert")).to_have_text("An answer is already being generated on this thread.")
-    await expect(page.get_by_label("Your message")).to_have_value("And another one")
-
     await page.get_by_role("button", name="Stop").click()
     await expect(answer).to_have_attribute("data-status", "incomplete")
     await expect(answer.locator(".state")).to_have_text("Stopped: this answer is incomplete.")
@@ -304,6 +299,37 @@ async def test_stop_marks_a_long_answer_incomplete_at_phone_width(page, service,
     # Nothing is wider than a phone.
     assert await page.evaluate("document.documentElement.scrollWidth") <= 390
     await expect(page.get_by_role("button", name="Send")).to_be_in_viewport()
+    assert page.errors == []
+
+
+async def test_send_becomes_stop_while_an_answer_is_written_and_the_next_question_waits(page, service, demo_password):
+    sent: list[dict] = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda frame: sent.append(json.loads(frame))))
+    await sign_in(page, service, demo_password)
+    await new_thread(page, "general_chat")
+    send, stop = page.get_by_role("button", name="Send"), page.get_by_role("button", name="Stop")
+    box = page.get_by_label("Your message")
+    await expect(stop).to_be_hidden()
+
+    await ask(page, "Write me a poem")
+    answer = last_answer(page)
+    await expect(stop).to_be_visible()
+    await expect(send).to_be_hidden()
+    await expect(answer.locator(".text")).not_to_be_empty()
+    await box.fill("And another one")
+    await box.press("Enter")
+    await expect(box).to_have_value("And another one")
+    await expect(box).to_be_focused()
+
+    await expect(answer).to_have_attribute("data-status", "complete")
+    await expect(send).to_be_visible()
+    await expect(stop).to_be_hidden()
+    # Enter while the answer was written sent nothing; now it sends the question waiting in the box.
+    assert [frame["query"] for frame in sent if frame["type"] == "query"] == ["Write me a poem"]
+    await box.press("Enter")
+    await expect(page.locator(".message.user")).to_have_text(["Write me a poem", "And another one"])
+    await expect(box).to_have_value("")
+    await expect(last_answer(page)).to_have_attribute("data-status", "complete")
     assert page.errors == []
 
 

@@ -315,8 +315,13 @@ let current = null; // {id, thread, structured}
 let olderMessages = null;
 let pending = null; // the query awaiting its message_created: {requestId, text}
 let requestSeq = 0;
+let running = false; // whether an answer is being written
 
-function setRunning(running) {
+function setRunning(value) {
+  running = value;
+  // Stop takes the place of Send; the focus stays in the composer.
+  if (document.activeElement === (running ? ui.send : ui.stop)) ui.query.focus();
+  ui.send.hidden = running;
   ui.stop.hidden = !running;
   // Screen readers announce the answer once it is whole, not at every delta.
   ui.messages.setAttribute("aria-busy", String(running));
@@ -541,7 +546,8 @@ function decide(card, approved) {
 
 function send() {
   const text = ui.query.value.trim();
-  if (!text || !current) return;
+  // While an answer is written the question waits in the box.
+  if (!text || !current || running) return;
   if (socket?.readyState === WebSocket.CONNECTING) {
     socket.addEventListener("open", send, { once: true });
     return;
