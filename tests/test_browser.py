@@ -13,16 +13,17 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from io import StringIO
 from itertools import pairwise
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.core.management import call_command
 from django.db import connection
 
-from agents.demo_script import POEM
+from agents.demo_script import POEM, STORY
 from bank.models import DEMO_USER_ID, Card
 from tests.conftest import finished_turn
-from tests.live import ROOT, LiveServer, server_env
+from tests.live import ROOT, LiveServer, poll, server_env
 from threads.models import Message, Thread
 
 try:
@@ -98,12 +99,17 @@ async def page(service) -> AsyncIterator:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         context = await browser.new_context(viewport={"width": 1200, "height": 820})
         context.set_default_timeout(TIMEOUT_MS)
-        page = await context.new_page()
-        page.errors = []
-        page.on("pageerror", lambda error: page.errors.append(str(error)))
-        page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
-        yield page
+        yield await new_page(context)
         await browser.close()
+
+
+async def new_page(context):
+    """A tab that records the script errors and console errors it shows."""
+    page = await context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
+    return page
 
 
 async def sign_in(page, service: LiveServer, password: str) -> None:
@@ -127,7 +133,8 @@ async def ask(page, text: str) -> None:
     await page.get_by_label("Your message").press("Enter")
 
 
-# Records, in the page, when Enter is pressed in the input and every distinct text the newest answer shows.
+# Records, in the page, when Enter is pressed in the input and every distinct text the newest answer shows (with
+# when, since that Enter).
 WATCH_ANSWER = """() => {
   const seen = (window.answerWatch = {enter: null, question: null, texts: []});
   document.getElementById("query").addEventListener("keydown", (event) => {
@@ -139,8 +146,8 @@ WATCH_ANSWER = """() => {
     }
     const answers = document.querySelectorAll(".message.assistant .text");
     const text = answers.length ? answers[answers.length - 1].textContent : "";
-    if (seen.enter !== null && text && text !== seen.texts.at(-1)?.text) {
-      seen.texts.push({text, at: performance.now() - seen.enter});
+    if (text && text !== seen.texts.at(-1)?.text) {
+      seen.texts.push({text, at: seen.enter === null ? null : performance.now() - seen.enter});
     }
   }).observe(document.getElementById("messages"), {childList: true, subtree: true, characterData: true});
 }"""
@@ -162,15 +169,30 @@ def approval_card(within, action: str = "Block your card"):
     return within.get_by_role("group", name=f"Approval needed: {action}")
 
 
+async def texts_seen(page) -> list[str]:
+    return [seen["text"] for seen in (await page.evaluate("window.answerWatch"))["texts"]]
+
+
+def grew_in_place(texts: list[str]) -> bool:
+    """Each text the answer showed began with the one before: nothing was shown twice, nothing went away."""
+    return all(later.startswith(earlier) for earlier, later in pairwise(texts))
+
+
 async def demo_card() -> Card:
     return await Card.objects.aget(customer__user_id=DEMO_USER_ID)
 
 
 class Sockets:
-    """The page's thread websockets, routed through Playwright to the live server; like a slow network, it can hold
-    back the approval frames the page sends."""
+    """The page's thread websockets, routed through Playwright to the live server: each one's URL and the events
+    it received. Like a network that fails, it can drop a socket, hold the next ones open without reaching the
+    server, and hold back the approval frames the page sends."""
 
     def __init__(self) -> None:
+        self.urls: list[str] = []
+        self.events: list[list[dict]] = []
+        self.routes: list = []
+        self.holding_sockets = False
+        self.held_sockets: list = []
         self.holding_decisions = False
         self.held_decisions: list[tuple] = []
 
@@ -178,7 +200,18 @@ class Sockets:
         await page.route_web_socket(re.compile(r"/ws/v1/threads/"), self._opened)
 
     def _opened(self, ws) -> None:
+        if self.holding_sockets:
+            self.held_sockets.append(ws)  # open, as far as the page can tell, and silent
+            return
         server = ws.connect_to_server()
+        events: list[dict] = []
+        self.urls.append(ws.url)
+        self.events.append(events)
+        self.routes.append(ws)
+
+        def from_server(message: str | bytes) -> None:
+            events.append(json.loads(message))
+            ws.send(message)
 
         def from_page(message: str | bytes) -> None:
             if self.holding_decisions and json.loads(message)["type"] == "approval":
@@ -186,13 +219,30 @@ class Sockets:
             else:
                 server.send(message)
 
+        server.on_message(from_server)
         ws.on_message(from_page)
+
+    async def drop(self) -> None:
+        """Close the latest socket, as a lost connection would."""
+        await self.routes[-1].close(code=4000, reason="dropped")
+
+    async def let_through(self) -> None:
+        """Let sockets reach the server again: the held ones close, and the page opens new ones."""
+        self.holding_sockets = False
+        for ws in self.held_sockets:
+            await ws.close(code=4000, reason="dropped")
+        self.held_sockets.clear()
 
     def pass_decisions(self) -> None:
         self.holding_decisions = False
         for server, message in self.held_decisions:
             server.send(message)
         self.held_decisions.clear()
+
+    def resumed_from(self, index: int) -> tuple[str, int]:
+        """The answer and seq the socket `index` resumed from, at its handshake."""
+        query = parse_qs(urlsplit(self.urls[index]).query)
+        return query["resume"][0], int(query["after"][0])
 
 
 async def test_bank_support_answer_streams_in_place_and_the_thread_keeps_it(page, service, demo_password):
@@ -212,7 +262,7 @@ async def test_bank_support_answer_streams_in_place_and_the_thread_keeps_it(page
     texts = [seen["text"] for seen in watch["texts"]]
     # Deltas arrived one by one, each growing the same paragraph; the figure came later than the first of them.
     assert len(texts) >= 5, texts
-    assert all(later.startswith(earlier) for earlier, later in pairwise(texts)), texts
+    assert grew_in_place(texts), texts
     assert BALANCE_FIGURE not in texts[0]
     first_delta_ms = watch["texts"][0]["at"]
     assets = await page.evaluate(STATIC_ASSETS)
@@ -333,7 +383,69 @@ async def test_send_becomes_stop_while_an_answer_is_written_and_the_next_questio
     assert page.errors == []
 
 
-async def test_dropped_socket_reconnects_and_reloads_the_thread(page, service, demo_password):
+async def test_a_dropped_socket_resumes_the_answer_in_place(page, service, demo_password):
+    sockets = Sockets()
+    await sockets.route(page)
+    await sign_in(page, service, demo_password)
+    await new_thread(page, "general_chat")
+    await page.evaluate(WATCH_ANSWER)
+    await page.evaluate("window.sameDocument = true")
+
+    await ask(page, "Write me a poem")
+    answer = last_answer(page)
+    await expect(answer.locator(".text")).not_to_be_empty()
+    await sockets.drop()
+
+    await expect(answer).to_have_attribute("data-status", "complete")
+    saved = await Message.objects.aget(role=Message.Role.ASSISTANT)
+    assert saved.content == POEM
+    assert await answer.locator(".text").text_content() == POEM
+    await expect(page.locator(".message")).to_have_count(2)
+    await expect(page.get_by_role("status")).to_have_text("")
+    # The new socket asked for the answer's events after the last one shown, and got them, each once.
+    assert len(sockets.urls) == 2
+    message_id, after = sockets.resumed_from(1)
+    assert message_id == str(saved.pk) and after > 0
+    seqs = [event["seq"] for event in sockets.events[1] if event.get("message_id") == message_id]
+    assert seqs == sorted(set(seqs)) and seqs[0] > after, seqs
+    # Neither the page nor the thread was loaded again: the text only ever grew.
+    texts = await texts_seen(page)
+    assert grew_in_place(texts) and texts[-1] == POEM, texts
+    assert await page.evaluate("window.sameDocument") is True
+    assert page.errors == []
+
+
+async def test_an_answer_whose_events_are_gone_is_read_from_the_thread_after_a_reconnect(page, service, demo_password):
+    sockets = Sockets()
+    await sockets.route(page)
+    await sign_in(page, service, demo_password)
+    await new_thread(page, "general_chat")
+
+    await ask(page, "Write me a poem")
+    answer = last_answer(page)
+    await expect(answer.locator(".text")).not_to_be_empty()
+    sockets.holding_sockets = True
+    await sockets.drop()
+    # While the page is away the answer ends, and the server restarts: the events it kept (in its process) are gone.
+    await sync_to_async(poll)(
+        lambda: Message.objects.filter(role=Message.Role.ASSISTANT, status=Message.Status.COMPLETE).exists()
+    )
+    await sync_to_async(service.stop)()
+    await sync_to_async(service.start)(healthy=True)
+    await sockets.let_through()
+
+    await expect(answer).to_have_attribute("data-status", "complete")
+    await expect(page.get_by_role("status")).to_have_text("")
+    assert await answer.locator(".text").text_content() == POEM
+    saved = await Message.objects.aget(role=Message.Role.ASSISTANT)
+    # The page asked for the rest of the answer; told its events are gone, it read the saved thread instead.
+    assert sockets.resumed_from(-1)[0] == str(saved.pk)
+    assert [event.get("error_type") for event in sockets.events[-1] if event["event"] == "error"] == ["resume_expired"]
+    await expect(page.get_by_role("alert")).to_be_hidden()
+    await expect(page.locator(".message")).to_have_count(2)
+
+
+async def test_a_socket_dropped_between_answers_reconnects_and_reloads_the_thread(page, service, demo_password):
     await sign_in(page, service, demo_password)
     await new_thread(page, "bank_support")
     thread = await sync_to_async(Thread.objects.get)()
@@ -350,6 +462,33 @@ async def test_dropped_socket_reconnects_and_reloads_the_thread(page, service, d
     await ask(page, "What is my balance?")
     await expect(last_answer(page).locator(".text")).to_contain_text(BALANCE_FIGURE)
     await expect(last_answer(page)).to_have_attribute("data-status", "complete")
+
+
+async def test_a_second_tab_joins_the_answer_being_written(page, service, demo_password):
+    await sign_in(page, service, demo_password)
+    await new_thread(page, "general_chat")
+    await ask(page, "Tell me a story")
+    await expect(last_answer(page).locator(".text")).not_to_be_empty()
+    thread = await Thread.objects.aget()
+
+    second = await new_page(page.context)
+    joined: list[str] = []
+    second.on("websocket", lambda ws: joined.append(ws.url))
+    await second.add_init_script(f"document.addEventListener('DOMContentLoaded', {WATCH_ANSWER})")
+    await second.goto(f"{service.url}/chat/#{thread.pk}")
+
+    answer = last_answer(second)
+    await expect(answer).to_have_attribute("data-status", "complete", timeout=TIMEOUT_MS)
+    await expect(last_answer(page)).to_have_attribute("data-status", "complete")
+    saved = await Message.objects.aget(role=Message.Role.ASSISTANT)
+    assert saved.content == STORY
+    assert await answer.locator(".text").text_content() == STORY
+    await expect(second.locator(".message")).to_have_count(2)
+    # It joined the answer from its first event (the thread said it was being written), and showed it grow.
+    assert parse_qs(urlsplit(joined[0]).query) == {"resume": [str(saved.pk)], "after": ["0"]}
+    texts = await texts_seen(second)
+    assert len(texts) > 1 and grew_in_place(texts) and texts[-1] == STORY, texts
+    assert second.errors == page.errors == []
 
 
 async def test_a_pending_approval_outlives_a_reload_and_denying_it_leaves_the_card_active(page, service, demo_password):

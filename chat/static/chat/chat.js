@@ -315,10 +315,12 @@ let current = null; // {id, thread, structured}
 let olderMessages = null;
 let pending = null; // the query awaiting its message_created: {requestId, text}
 let requestSeq = 0;
-let running = false; // whether an answer is being written
+let streaming = null; // the id of the answer being written
+const lastSeq = new Map(); // answer id -> seq of the last of its events shown: where to resume it
 
-function setRunning(value) {
-  running = value;
+function setStreaming(messageId) {
+  streaming = messageId;
+  const running = messageId !== null;
   // Stop takes the place of Send; the focus stays in the composer.
   if (document.activeElement === (running ? ui.send : ui.stop)) ui.query.focus();
   ui.send.hidden = running;
@@ -339,7 +341,13 @@ async function loadMessages() {
   opened.thread = thread;
   opened.structured = structuredAgents.has(thread.agent_type);
   ui.title.textContent = thread.title || "New conversation";
-  const bubbles = messages.map(messageBubble);
+  const run = thread.active_run;
+  if (run && !lastSeq.has(run.message_id)) join(run.message_id);
+  // The answer being written shows what its events say, not what was saved of it (older): the bubble they have
+  // written so far, or an empty one they replay into from the first.
+  const bubbles = messages.map((message) =>
+    message.id === streaming ? (find(message.id) ?? assistantBubble(message.id, "streaming")) : messageBubble(message),
+  );
   keepShownApprovals(bubbles);
   ui.messages.replaceChildren(...bubbles);
   olderMessages = older;
@@ -347,11 +355,22 @@ async function loadMessages() {
   scrollToEnd(true);
 }
 
+// Follows an answer being written that the page has heard nothing of yet, from its first event: an open socket
+// asks for them, and a socket about to open asks at its handshake.
+function join(messageId) {
+  lastSeq.set(messageId, 0);
+  setStreaming(messageId);
+  if (socket?.readyState === WebSocket.OPEN) {
+    socket.send(JSON.stringify({ type: "resume", message_id: messageId, after: 0 }));
+  }
+}
+
 async function openThread(id) {
   if (current?.id === id) return;
   disconnect();
   showAlert("");
-  setRunning(false);
+  setStreaming(null);
+  lastSeq.clear();
   ui.query.disabled = ui.send.disabled = true;
   // Another thread may be opened while this one loads: every step after an await checks it is still current.
   const opening = { id, thread: null, structured: false };
@@ -416,16 +435,15 @@ function disconnect() {
 function connect() {
   const id = current.id;
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const ws = new WebSocket(`${scheme}://${location.host}/ws/v1/threads/${id}/`);
-  const reconnecting = retries > 0;
+  // An answer being written goes on from its last event shown: the server gives what the page missed first.
+  const resume = streaming ? `?resume=${streaming}&after=${lastSeq.get(streaming)}` : "";
+  const ws = new WebSocket(`${scheme}://${location.host}/ws/v1/threads/${id}/${resume}`);
   socket = ws;
   ws.addEventListener("open", () => {
     if (socket !== ws) return;
     retries = 0;
     ui.connection.textContent = "";
     pingTimer = setInterval(() => ws.send(JSON.stringify({ type: "ping" })), PING_MS);
-    // Events sent while the socket was down are lost: the saved thread is the truth.
-    if (reconnecting) loadMessages().catch((error) => showAlert(error.message));
   });
   ws.addEventListener("message", (frame) => {
     if (socket === ws) onEvent(JSON.parse(frame.data));
@@ -434,23 +452,38 @@ function connect() {
     if (socket !== ws) return;
     socket = null;
     clearInterval(pingTimer);
-    setRunning(false);
     if (event.code === 4401) return signIn();
     if (event.code === 4404) {
+      setStreaming(null);
       ui.connection.textContent = "";
       showAlert("This conversation does not exist any more.");
       return;
     }
-    const delay = Math.min(1000 * 2 ** retries, RECONNECT_MAX_MS);
-    retries += 1;
-    ui.connection.textContent = `Connection lost. Reconnecting in ${Math.round(delay / 1000)} s…`;
-    retryTimer = setTimeout(() => {
-      if (current?.id === id) {
-        ui.connection.textContent = "Reconnecting…";
-        connect();
-      }
-    }, delay);
+    reconnectLater(id);
   });
+}
+
+function reconnectLater(id) {
+  const delay = Math.min(1000 * 2 ** retries, RECONNECT_MAX_MS);
+  retries += 1;
+  ui.connection.textContent = `Connection lost. Reconnecting in ${Math.round(delay / 1000)} s…`;
+  retryTimer = setTimeout(() => reconnect(id), delay);
+}
+
+async function reconnect(id) {
+  if (current?.id !== id) return;
+  ui.connection.textContent = "Reconnecting…";
+  // Resuming the answer being written gives what the page missed of it; anything else that happened meanwhile is
+  // in the saved thread.
+  if (!streaming) {
+    try {
+      await loadMessages();
+    } catch {
+      if (current?.id === id) reconnectLater(id);
+      return;
+    }
+  }
+  if (current?.id === id) connect();
 }
 
 // A frame that acts on the thread; false, and the user told, while the socket is down.
@@ -463,26 +496,38 @@ function sendFrame(frame) {
   return true;
 }
 
+function find(messageId) {
+  return ui.messages.querySelector(`[data-message-id="${CSS.escape(messageId)}"]`);
+}
+
 function bubbleFor(messageId) {
-  let bubble = ui.messages.querySelector(`[data-message-id="${CSS.escape(messageId)}"]`);
+  let bubble = find(messageId);
   if (!bubble) {
     bubble = assistantBubble(messageId, "streaming");
     ui.messages.append(bubble);
-    setRunning(true);
   }
   return bubble;
 }
 
+function refresh() {
+  loadMessages().catch((error) => showAlert(error.message));
+}
+
 function onEvent(event) {
+  if (Number.isInteger(event.seq)) {
+    // Each event of an answer once, though a resumed run may give again what the page shows.
+    if (event.seq <= (lastSeq.get(event.message_id) ?? 0)) return;
+    lastSeq.set(event.message_id, event.seq);
+    setStreaming(event.event === "done" ? null : event.message_id);
+  }
   switch (event.event) {
     case "message_created":
       if (event.request_id && event.request_id === pending?.requestId) pending = null;
-      ui.messages.append(userBubble(event.message));
+      if (!find(event.message.id)) ui.messages.append(userBubble(event.message));
       scrollToEnd(true);
       break;
     case "message_started":
       showAlert("");
-      setRunning(true);
       setStatus(bubbleFor(event.message_id), "streaming");
       scrollToEnd(true);
       break;
@@ -515,6 +560,12 @@ function onEvent(event) {
       break;
     }
     case "error": {
+      if (event.error_type === "resume_expired") {
+        // The run's events are no longer kept: the saved thread says how it ended.
+        setStreaming(null);
+        refresh();
+        break;
+      }
       showAlert(event.error);
       // A refused query gives its text back, unless the user has started typing another.
       if (event.request_id && event.request_id === pending?.requestId) {
@@ -526,9 +577,8 @@ function onEvent(event) {
       break;
     }
     case "done":
-      setRunning(false);
       // The saved thread knows how the answer ended (complete, incomplete, failed) and its final output.
-      loadMessages().catch((error) => showAlert(error.message));
+      refresh();
       loadThreads().catch(() => {});
       break;
     default:
@@ -547,7 +597,7 @@ function decide(card, approved) {
 function send() {
   const text = ui.query.value.trim();
   // While an answer is written the question waits in the box.
-  if (!text || !current || running) return;
+  if (!text || !current || streaming) return;
   if (socket?.readyState === WebSocket.CONNECTING) {
     socket.addEventListener("open", send, { once: true });
     return;
