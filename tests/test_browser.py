@@ -7,20 +7,23 @@ unless BROWSER_TESTS=required (as in CI), where that is a failure.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from io import StringIO
 from itertools import pairwise
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.core.management import call_command
 from django.db import connection
 
-from agents.demo_script import POEM
+from agents.demo_script import POEM, STORY
+from bank.models import DEMO_USER_ID, Card
 from tests.conftest import finished_turn
-from tests.live import ROOT, LiveServer, server_env
+from tests.live import ROOT, LiveServer, poll, server_env
 from threads.models import Message, Thread
 
 try:
@@ -96,12 +99,17 @@ async def page(service) -> AsyncIterator:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         context = await browser.new_context(viewport={"width": 1200, "height": 820})
         context.set_default_timeout(TIMEOUT_MS)
-        page = await context.new_page()
-        page.errors = []
-        page.on("pageerror", lambda error: page.errors.append(str(error)))
-        page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
-        yield page
+        yield await new_page(context)
         await browser.close()
+
+
+async def new_page(context):
+    """A tab that records the script errors and console errors it shows."""
+    page = await context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
+    return page
 
 
 async def sign_in(page, service: LiveServer, password: str) -> None:
@@ -125,7 +133,8 @@ async def ask(page, text: str) -> None:
     await page.get_by_label("Your message").press("Enter")
 
 
-# Records, in the page, when Enter is pressed in the input and every distinct text the newest answer shows.
+# Records, in the page, when Enter is pressed in the input and every distinct text the newest answer shows (with
+# when, since that Enter).
 WATCH_ANSWER = """() => {
   const seen = (window.answerWatch = {enter: null, question: null, texts: []});
   document.getElementById("query").addEventListener("keydown", (event) => {
@@ -137,8 +146,8 @@ WATCH_ANSWER = """() => {
     }
     const answers = document.querySelectorAll(".message.assistant .text");
     const text = answers.length ? answers[answers.length - 1].textContent : "";
-    if (seen.enter !== null && text && text !== seen.texts.at(-1)?.text) {
-      seen.texts.push({text, at: performance.now() - seen.enter});
+    if (text && text !== seen.texts.at(-1)?.text) {
+      seen.texts.push({text, at: seen.enter === null ? null : performance.now() - seen.enter});
     }
   }).observe(document.getElementById("messages"), {childList: true, subtree: true, characterData: true});
 }"""
@@ -154,6 +163,86 @@ STATIC_ASSETS = r"""() => performance.getEntriesByType("resource")
 
 def last_answer(page):
     return page.locator(".message.assistant").last
+
+
+def approval_card(within, action: str = "Block your card"):
+    return within.get_by_role("group", name=f"Approval needed: {action}")
+
+
+async def texts_seen(page) -> list[str]:
+    return [seen["text"] for seen in (await page.evaluate("window.answerWatch"))["texts"]]
+
+
+def grew_in_place(texts: list[str]) -> bool:
+    """Each text the answer showed began with the one before: nothing was shown twice, nothing went away."""
+    return all(later.startswith(earlier) for earlier, later in pairwise(texts))
+
+
+async def demo_card() -> Card:
+    return await Card.objects.aget(customer__user_id=DEMO_USER_ID)
+
+
+class Sockets:
+    """The page's thread websockets, routed through Playwright to the live server: each one's URL and the events
+    it received. Like a network that fails, it can drop a socket, hold the next ones open without reaching the
+    server, and hold back the approval frames the page sends."""
+
+    def __init__(self) -> None:
+        self.urls: list[str] = []
+        self.events: list[list[dict]] = []
+        self.routes: list = []
+        self.holding_sockets = False
+        self.held_sockets: list = []
+        self.holding_decisions = False
+        self.held_decisions: list[tuple] = []
+
+    async def route(self, page) -> None:
+        await page.route_web_socket(re.compile(r"/ws/v1/threads/"), self._opened)
+
+    def _opened(self, ws) -> None:
+        if self.holding_sockets:
+            self.held_sockets.append(ws)  # open, as far as the page can tell, and silent
+            return
+        server = ws.connect_to_server()
+        events: list[dict] = []
+        self.urls.append(ws.url)
+        self.events.append(events)
+        self.routes.append(ws)
+
+        def from_server(message: str | bytes) -> None:
+            events.append(json.loads(message))
+            ws.send(message)
+
+        def from_page(message: str | bytes) -> None:
+            if self.holding_decisions and json.loads(message)["type"] == "approval":
+                self.held_decisions.append((server, message))
+            else:
+                server.send(message)
+
+        server.on_message(from_server)
+        ws.on_message(from_page)
+
+    async def drop(self) -> None:
+        """Close the latest socket, as a lost connection would."""
+        await self.routes[-1].close(code=4000, reason="dropped")
+
+    async def let_through(self) -> None:
+        """Let sockets reach the server again: the held ones close, and the page opens new ones."""
+        self.holding_sockets = False
+        for ws in self.held_sockets:
+            await ws.close(code=4000, reason="dropped")
+        self.held_sockets.clear()
+
+    def pass_decisions(self) -> None:
+        self.holding_decisions = False
+        for server, message in self.held_decisions:
+            server.send(message)
+        self.held_decisions.clear()
+
+    def resumed_from(self, index: int) -> tuple[str, int]:
+        """The answer and seq the socket `index` resumed from, at its handshake."""
+        query = parse_qs(urlsplit(self.urls[index]).query)
+        return query["resume"][0], int(query["after"][0])
 
 
 async def test_bank_support_answer_streams_in_place_and_the_thread_keeps_it(page, service, demo_password):
@@ -173,7 +262,7 @@ async def test_bank_support_answer_streams_in_place_and_the_thread_keeps_it(page
     texts = [seen["text"] for seen in watch["texts"]]
     # Deltas arrived one by one, each growing the same paragraph; the figure came later than the first of them.
     assert len(texts) >= 5, texts
-    assert all(later.startswith(earlier) for earlier, later in pairwise(texts)), texts
+    assert grew_in_place(texts), texts
     assert BALANCE_FIGURE not in texts[0]
     first_delta_ms = watch["texts"][0]["at"]
     assets = await page.evaluate(STATIC_ASSETS)
@@ -183,10 +272,22 @@ async def test_bank_support_answer_streams_in_place_and_the_thread_keeps_it(page
 
     await ask(page, "I lost my card")
     answer = last_answer(page)
-    await expect(answer.locator(".banner")).to_have_text("Your card has been blocked.")
+    # The answer stops to ask before the card is blocked, and goes on, in the same bubble, once approved.
+    await expect(answer).to_have_attribute("data-status", "awaiting_approval")
+    await expect(answer.locator(".tools")).to_have_text("Asked to block your card")
+    assert (await demo_card()).blocked_at is None
+    await approval_card(answer).get_by_role("button", name="Approve").click()
+    await expect(approval_card(answer).locator(".approval-outcome")).to_have_text("Approved")
     await expect(answer).to_have_attribute("data-status", "complete")
+    await expect(answer.locator(".banner")).to_be_visible()
+    await expect(answer.locator(".banner")).to_have_text("Your card has been blocked.")
+    await expect(answer.locator(".text")).to_contain_text("your card ending in 4242 is now blocked")
+    await expect(answer.locator(".tools")).to_have_text("Blocked your card")
     await expect(answer.locator(".risk")).to_have_attribute("data-level", "high")
-    await expect(answer.locator(".actions li")).to_contain_text(["Block the card", "Order a replacement card"])
+    await expect(answer.locator(".actions li")).to_have_text(["Order a replacement card", "Review recent transactions"])
+    await expect(approval_card(answer).get_by_role("button")).to_have_count(0)
+    card = await demo_card()
+    assert (card.status, card.blocked_at is not None) == (Card.Status.BLOCKED, True)
 
     thread = await sync_to_async(Thread.objects.get)()
     first_answer = await Message.objects.filter(role=Message.Role.ASSISTANT).order_by("seq").afirst()
@@ -197,6 +298,10 @@ async def test_bank_support_answer_streams_in_place_and_the_thread_keeps_it(page
     await expect(page.locator("#thread-title")).to_have_text("What is my balance?")
     await expect(page.locator(".message.user")).to_have_text(["What is my balance?", "I lost my card"])
     await expect(page.locator(".message.assistant").first).to_contain_text(BALANCE_FIGURE)
+    # The saved answers name the tools they used, as the stream did.
+    await expect(page.locator(".message.assistant .tools")).to_have_text(
+        ["Looked up your balance", "Blocked your card"]
+    )
     await expect(last_answer(page).locator(".banner")).to_be_visible()
     await expect(page.get_by_label("Your message")).to_be_focused()
     assert page.errors == []
@@ -229,11 +334,6 @@ async def test_stop_marks_a_long_answer_incomplete_at_phone_width(page, service,
     await expect(answer.locator(".text")).not_to_be_empty()
     await expect(answer).to_have_attribute("data-status", "streaming")
 
-    # A second question while the answer is written is refused, readably, and its text is given back.
-    await ask(page, "And another one")
-    await expect(page.get_by_role("alert")).to_have_text("An answer is already being generated on this thread.")
-    await expect(page.get_by_label("Your message")).to_have_value("And another one")
-
     await page.get_by_role("button", name="Stop").click()
     await expect(answer).to_have_attribute("data-status", "incomplete")
     await expect(answer.locator(".state")).to_have_text("Stopped: this answer is incomplete.")
@@ -252,7 +352,100 @@ async def test_stop_marks_a_long_answer_incomplete_at_phone_width(page, service,
     assert page.errors == []
 
 
-async def test_dropped_socket_reconnects_and_reloads_the_thread(page, service, demo_password):
+async def test_send_becomes_stop_while_an_answer_is_written_and_the_next_question_waits(page, service, demo_password):
+    sent: list[dict] = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda frame: sent.append(json.loads(frame))))
+    await sign_in(page, service, demo_password)
+    await new_thread(page, "general_chat")
+    send, stop = page.get_by_role("button", name="Send"), page.get_by_role("button", name="Stop")
+    box = page.get_by_label("Your message")
+    await expect(stop).to_be_hidden()
+
+    await ask(page, "Write me a poem")
+    answer = last_answer(page)
+    await expect(stop).to_be_visible()
+    await expect(send).to_be_hidden()
+    await expect(answer.locator(".text")).not_to_be_empty()
+    await box.fill("And another one")
+    await box.press("Enter")
+    await expect(box).to_have_value("And another one")
+    await expect(box).to_be_focused()
+
+    await expect(answer).to_have_attribute("data-status", "complete")
+    await expect(send).to_be_visible()
+    await expect(stop).to_be_hidden()
+    # Enter while the answer was written sent nothing; now it sends the question waiting in the box.
+    assert [frame["query"] for frame in sent if frame["type"] == "query"] == ["Write me a poem"]
+    await box.press("Enter")
+    await expect(page.locator(".message.user")).to_have_text(["Write me a poem", "And another one"])
+    await expect(box).to_have_value("")
+    await expect(last_answer(page)).to_have_attribute("data-status", "complete")
+    assert page.errors == []
+
+
+async def test_a_dropped_socket_resumes_the_answer_in_place(page, service, demo_password):
+    sockets = Sockets()
+    await sockets.route(page)
+    await sign_in(page, service, demo_password)
+    await new_thread(page, "general_chat")
+    await page.evaluate(WATCH_ANSWER)
+    await page.evaluate("window.sameDocument = true")
+
+    await ask(page, "Write me a poem")
+    answer = last_answer(page)
+    await expect(answer.locator(".text")).not_to_be_empty()
+    await sockets.drop()
+
+    await expect(answer).to_have_attribute("data-status", "complete")
+    saved = await Message.objects.aget(role=Message.Role.ASSISTANT)
+    assert saved.content == POEM
+    assert await answer.locator(".text").text_content() == POEM
+    await expect(page.locator(".message")).to_have_count(2)
+    await expect(page.get_by_role("status")).to_have_text("")
+    # The new socket asked for the answer's events after the last one shown, and got them, each once.
+    assert len(sockets.urls) == 2
+    message_id, after = sockets.resumed_from(1)
+    assert message_id == str(saved.pk) and after > 0
+    seqs = [event["seq"] for event in sockets.events[1] if event.get("message_id") == message_id]
+    assert seqs == sorted(set(seqs)) and seqs[0] > after, seqs
+    # Neither the page nor the thread was loaded again: the text only ever grew.
+    texts = await texts_seen(page)
+    assert grew_in_place(texts) and texts[-1] == POEM, texts
+    assert await page.evaluate("window.sameDocument") is True
+    assert page.errors == []
+
+
+async def test_an_answer_whose_events_are_gone_is_read_from_the_thread_after_a_reconnect(page, service, demo_password):
+    sockets = Sockets()
+    await sockets.route(page)
+    await sign_in(page, service, demo_password)
+    await new_thread(page, "general_chat")
+
+    await ask(page, "Write me a poem")
+    answer = last_answer(page)
+    await expect(answer.locator(".text")).not_to_be_empty()
+    sockets.holding_sockets = True
+    await sockets.drop()
+    # While the page is away the answer ends, and the server restarts: the events it kept (in its process) are gone.
+    await sync_to_async(poll)(
+        lambda: Message.objects.filter(role=Message.Role.ASSISTANT, status=Message.Status.COMPLETE).exists()
+    )
+    await sync_to_async(service.stop)()
+    await sync_to_async(service.start)(healthy=True)
+    await sockets.let_through()
+
+    await expect(answer).to_have_attribute("data-status", "complete")
+    await expect(page.get_by_role("status")).to_have_text("")
+    assert await answer.locator(".text").text_content() == POEM
+    saved = await Message.objects.aget(role=Message.Role.ASSISTANT)
+    # The page asked for the rest of the answer; told its events are gone, it read the saved thread instead.
+    assert sockets.resumed_from(-1)[0] == str(saved.pk)
+    assert [event.get("error_type") for event in sockets.events[-1] if event["event"] == "error"] == ["resume_expired"]
+    await expect(page.get_by_role("alert")).to_be_hidden()
+    await expect(page.locator(".message")).to_have_count(2)
+
+
+async def test_a_socket_dropped_between_answers_reconnects_and_reloads_the_thread(page, service, demo_password):
     await sign_in(page, service, demo_password)
     await new_thread(page, "bank_support")
     thread = await sync_to_async(Thread.objects.get)()
@@ -269,6 +462,73 @@ async def test_dropped_socket_reconnects_and_reloads_the_thread(page, service, d
     await ask(page, "What is my balance?")
     await expect(last_answer(page).locator(".text")).to_contain_text(BALANCE_FIGURE)
     await expect(last_answer(page)).to_have_attribute("data-status", "complete")
+
+
+async def test_a_second_tab_joins_the_answer_being_written(page, service, demo_password):
+    await sign_in(page, service, demo_password)
+    await new_thread(page, "general_chat")
+    await ask(page, "Tell me a story")
+    await expect(last_answer(page).locator(".text")).not_to_be_empty()
+    thread = await Thread.objects.aget()
+
+    second = await new_page(page.context)
+    joined: list[str] = []
+    second.on("websocket", lambda ws: joined.append(ws.url))
+    await second.add_init_script(f"document.addEventListener('DOMContentLoaded', {WATCH_ANSWER})")
+    await second.goto(f"{service.url}/chat/#{thread.pk}")
+
+    answer = last_answer(second)
+    await expect(answer).to_have_attribute("data-status", "complete", timeout=TIMEOUT_MS)
+    await expect(last_answer(page)).to_have_attribute("data-status", "complete")
+    saved = await Message.objects.aget(role=Message.Role.ASSISTANT)
+    assert saved.content == STORY
+    assert await answer.locator(".text").text_content() == STORY
+    await expect(second.locator(".message")).to_have_count(2)
+    # It joined the answer from its first event (the thread said it was being written), and showed it grow.
+    assert parse_qs(urlsplit(joined[0]).query) == {"resume": [str(saved.pk)], "after": ["0"]}
+    texts = await texts_seen(second)
+    assert len(texts) > 1 and grew_in_place(texts) and texts[-1] == STORY, texts
+    assert second.errors == page.errors == []
+
+
+async def test_a_pending_approval_outlives_a_reload_and_denying_it_leaves_the_card_active(page, service, demo_password):
+    sockets = Sockets()
+    await sockets.route(page)
+    await sign_in(page, service, demo_password)
+    await new_thread(page, "bank_support")
+    await ask(page, "I lost my card")
+    answer = last_answer(page)
+    await expect(approval_card(answer)).to_be_visible()
+    await expect(answer.locator(".state")).to_have_text("Waiting for your approval.")
+    OUTPUT.mkdir(exist_ok=True)
+    await page.screenshot(path=OUTPUT / "chat-approval.png")
+
+    await page.reload()
+    answer = last_answer(page)
+    card = approval_card(answer)
+    await expect(answer.locator(".tools")).to_have_text("Asked to block your card")
+    await expect(card).to_contain_text("Decide by")
+    sockets.holding_decisions = True
+    await card.get_by_role("button", name="Deny").click()
+    # Until the server hears the decision, neither can be sent again.
+    await expect(card.get_by_role("button", name="Deny")).to_be_disabled()
+    await expect(card.get_by_role("button", name="Approve")).to_be_disabled()
+    sockets.pass_decisions()
+
+    await expect(card.locator(".approval-outcome")).to_have_text("Denied")
+    await expect(answer).to_have_attribute("data-status", "complete")
+    await expect(answer.locator(".text")).to_contain_text("I have not blocked your card: it is still active")
+    await expect(answer.locator(".tools")).to_have_text("Did not block your card: not approved")
+    await expect(answer.locator(".risk")).to_have_attribute("data-level", "medium")
+    await expect(answer.locator(".banner")).to_be_hidden()
+    card_row = await demo_card()
+    assert (card_row.status, card_row.blocked_at) == (Card.Status.ACTIVE, None)
+
+    await page.reload()
+    await expect(last_answer(page).locator(".tools")).to_have_text("Did not block your card: not approved")
+    await expect(last_answer(page).locator(".text")).to_contain_text("I have not blocked your card")
+    await expect(page.get_by_role("button", name="Approve")).to_have_count(0)
+    assert page.errors == []
 
 
 async def test_earlier_messages_load_on_demand(page, service, demo_password, demo_customer):

@@ -6,9 +6,28 @@ const csrfToken = document.querySelector('meta[name="csrf-token"]').content;
 const structuredAgents = new Set(config.agents.filter((a) => a.structured).map((a) => a.agent_type));
 const agentLabels = Object.fromEntries(config.agents.map((a) => [a.agent_type, a.label]));
 
-const TOOL_LABELS = {
-  customer_balance: "Looked up your balance",
-  recent_transactions: "Looked up your recent transactions",
+// What a tool line says, by how the call went (a saved tool call's `outcome`).
+const TOOL_LINES = {
+  customer_balance: { success: "Looked up your balance", failed: "Could not look up your balance" },
+  recent_transactions: {
+    success: "Looked up your recent transactions",
+    failed: "Could not look up your recent transactions",
+  },
+  block_card: {
+    pending: "Asked to block your card",
+    success: "Blocked your card",
+    failed: "Could not block your card",
+    denied: "Did not block your card: not approved",
+  },
+};
+// What an approval card asks the customer to allow, from the call's arguments.
+const APPROVAL_ACTIONS = {
+  block_card: (args) => (args.last4 ? `Block your card ending ${args.last4}` : "Block your card"),
+};
+const APPROVAL_OUTCOMES = {
+  approved: "Approved",
+  denied: "Denied",
+  expired: "Expired: not decided in time",
 };
 const TITLE_LENGTH = 60;
 const PING_MS = 25_000;
@@ -122,6 +141,7 @@ async function loadThreads(url = "threads?limit=20") {
 
 const STATE_TEXT = {
   in_progress: "Being written…",
+  awaiting_approval: "Waiting for your approval.",
   incomplete: "Stopped: this answer is incomplete.",
   failed: "The assistant could not finish this answer.",
   interrupted: "Interrupted: the server stopped while writing this answer. Ask again.",
@@ -181,12 +201,107 @@ function renderOutput(bubble, output) {
   }
 }
 
+function toolLine(name, outcome) {
+  const line = make("li");
+  line.dataset.tool = name;
+  // A call asked for approval reports a result even when denied: the line waits for it, and says which.
+  if (outcome === "pending") line.dataset.asked = "";
+  setToolOutcome(line, outcome);
+  return line;
+}
+
+function setToolOutcome(line, outcome) {
+  const words = line.dataset.tool.replaceAll("_", " ");
+  const fallback = {
+    pending: `Asked to use ${words}`,
+    success: `Looked up ${words}`,
+    failed: `Could not look up ${words}`,
+    denied: `Did not use ${words}: not approved`,
+  };
+  line.dataset.outcome = outcome;
+  line.textContent = TOOL_LINES[line.dataset.tool]?.[outcome] ?? fallback[outcome];
+}
+
+function askedLine(bubble, name) {
+  return bubble.querySelector(`.tools [data-tool="${CSS.escape(name)}"][data-asked]`);
+}
+
+function toolResult(bubble, name) {
+  const asked = askedLine(bubble, name);
+  if (!asked) {
+    bubble.querySelector(".tools").append(toolLine(name, "success"));
+    return;
+  }
+  delete asked.dataset.asked;
+  if (asked.dataset.outcome === "pending") setToolOutcome(asked, "success");
+}
+
+function approvalCard(approval) {
+  const words = approval.tool.replaceAll("_", " ");
+  const args = Object.keys(approval.args).length ? ` ${JSON.stringify(approval.args)}` : "";
+  const action = APPROVAL_ACTIONS[approval.tool]?.(approval.args) ?? `Use ${words}${args}`;
+  const card = make("section", "approval");
+  card.dataset.approvalId = approval.id;
+  card.setAttribute("role", "group");
+  card.setAttribute("aria-label", `Approval needed: ${action}`);
+  const buttons = make("div", "approval-buttons");
+  for (const [label, approved] of [["Approve", true], ["Deny", false]]) {
+    const button = make("button", approved ? "" : "quiet", label);
+    button.type = "button";
+    button.addEventListener("click", () => decide(card, approved));
+    buttons.append(button);
+  }
+  const deadline = new Date(approval.expires_at).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  card.append(
+    make("p", "approval-ask", "The assistant asks for your approval to:"),
+    make("p", "approval-action", action),
+    make("p", "approval-expiry", `Decide by ${deadline}: without your answer, it is not done.`),
+    buttons,
+    make("p", "approval-outcome"),
+  );
+  return card;
+}
+
+function setDeciding(card, deciding) {
+  card.setAttribute("aria-busy", String(deciding));
+  for (const button of card.querySelectorAll("button")) button.disabled = deciding;
+}
+
+function approvalDecided(bubble, approval) {
+  const card = bubble.querySelector(`.approval[data-approval-id="${CSS.escape(approval.id)}"]`);
+  if (card) {
+    card.dataset.outcome = approval.status;
+    card.removeAttribute("aria-busy");
+    card.querySelector(".approval-buttons")?.remove();
+    card.querySelector(".approval-expiry")?.remove();
+    card.querySelector(".approval-outcome").textContent = APPROVAL_OUTCOMES[approval.status] ?? approval.status;
+  }
+  const asked = askedLine(bubble, approval.tool);
+  if (asked && approval.status !== "approved") setToolOutcome(asked, "denied");
+}
+
 function messageBubble(message) {
   if (message.role === "user") return userBubble(message);
   const bubble = assistantBubble(message.id, displayStatus(message));
+  const tools = bubble.querySelector(".tools");
+  tools.append(...message.tool_calls.map((call) => toolLine(call.name, call.outcome)));
+  if (message.approval) tools.after(approvalCard(message.approval));
   if (current.structured && message.output) renderOutput(bubble, message.output);
   else bubble.querySelector(".text").textContent = message.content;
   return bubble;
+}
+
+// A saved answer keeps a decided approval as its tool line only: while the page is open, the card the customer
+// decided on (or is deciding on) stays as shown.
+function keepShownApprovals(bubbles) {
+  const byId = new Map(bubbles.map((bubble) => [bubble.dataset.messageId, bubble]));
+  for (const shown of ui.messages.querySelectorAll(".approval")) {
+    const bubble = byId.get(shown.closest(".message").dataset.messageId);
+    if (!bubble || bubble.contains(shown)) continue;
+    const loaded = bubble.querySelector(`.approval[data-approval-id="${CSS.escape(shown.dataset.approvalId)}"]`);
+    if (loaded) loaded.replaceWith(shown);
+    else if (shown.dataset.outcome) bubble.querySelector(".tools").after(shown);
+  }
 }
 
 function scrollToEnd(force = false) {
@@ -200,8 +315,15 @@ let current = null; // {id, thread, structured}
 let olderMessages = null;
 let pending = null; // the query awaiting its message_created: {requestId, text}
 let requestSeq = 0;
+let streaming = null; // the id of the answer being written
+const lastSeq = new Map(); // answer id -> seq of the last of its events shown: where to resume it
 
-function setRunning(running) {
+function setStreaming(messageId) {
+  streaming = messageId;
+  const running = messageId !== null;
+  // Stop takes the place of Send; the focus stays in the composer.
+  if (document.activeElement === (running ? ui.send : ui.stop)) ui.query.focus();
+  ui.send.hidden = running;
   ui.stop.hidden = !running;
   // Screen readers announce the answer once it is whole, not at every delta.
   ui.messages.setAttribute("aria-busy", String(running));
@@ -219,26 +341,36 @@ async function loadMessages() {
   opened.thread = thread;
   opened.structured = structuredAgents.has(thread.agent_type);
   ui.title.textContent = thread.title || "New conversation";
-  // Tool calls are not part of a saved message: keep the lines the stream showed.
-  const tools = new Map(
-    [...ui.messages.querySelectorAll(".tools:not(:empty)")].map((t) => [t.parentNode.dataset.messageId, t]),
+  const run = thread.active_run;
+  if (run && !lastSeq.has(run.message_id)) join(run.message_id);
+  // The answer being written shows what its events say, not what was saved of it (older): the bubble they have
+  // written so far, or an empty one they replay into from the first.
+  const bubbles = messages.map((message) =>
+    message.id === streaming ? (find(message.id) ?? assistantBubble(message.id, "streaming")) : messageBubble(message),
   );
-  const bubbles = messages.map(messageBubble);
-  for (const bubble of bubbles) {
-    const shown = tools.get(bubble.dataset.messageId);
-    if (shown) bubble.querySelector(".tools").replaceWith(shown);
-  }
+  keepShownApprovals(bubbles);
   ui.messages.replaceChildren(...bubbles);
   olderMessages = older;
   ui.olderMessages.hidden = !older;
   scrollToEnd(true);
 }
 
+// Follows an answer being written that the page has heard nothing of yet, from its first event: an open socket
+// asks for them, and a socket about to open asks at its handshake.
+function join(messageId) {
+  lastSeq.set(messageId, 0);
+  setStreaming(messageId);
+  if (socket?.readyState === WebSocket.OPEN) {
+    socket.send(JSON.stringify({ type: "resume", message_id: messageId, after: 0 }));
+  }
+}
+
 async function openThread(id) {
   if (current?.id === id) return;
   disconnect();
   showAlert("");
-  setRunning(false);
+  setStreaming(null);
+  lastSeq.clear();
   ui.query.disabled = ui.send.disabled = true;
   // Another thread may be opened while this one loads: every step after an await checks it is still current.
   const opening = { id, thread: null, structured: false };
@@ -303,16 +435,15 @@ function disconnect() {
 function connect() {
   const id = current.id;
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const ws = new WebSocket(`${scheme}://${location.host}/ws/v1/threads/${id}/`);
-  const reconnecting = retries > 0;
+  // An answer being written goes on from its last event shown: the server gives what the page missed first.
+  const resume = streaming ? `?resume=${streaming}&after=${lastSeq.get(streaming)}` : "";
+  const ws = new WebSocket(`${scheme}://${location.host}/ws/v1/threads/${id}/${resume}`);
   socket = ws;
   ws.addEventListener("open", () => {
     if (socket !== ws) return;
     retries = 0;
     ui.connection.textContent = "";
     pingTimer = setInterval(() => ws.send(JSON.stringify({ type: "ping" })), PING_MS);
-    // Events sent while the socket was down are lost: the saved thread is the truth.
-    if (reconnecting) loadMessages().catch((error) => showAlert(error.message));
   });
   ws.addEventListener("message", (frame) => {
     if (socket === ws) onEvent(JSON.parse(frame.data));
@@ -321,46 +452,83 @@ function connect() {
     if (socket !== ws) return;
     socket = null;
     clearInterval(pingTimer);
-    setRunning(false);
     if (event.code === 4401) return signIn();
     if (event.code === 4404) {
+      setStreaming(null);
       ui.connection.textContent = "";
       showAlert("This conversation does not exist any more.");
       return;
     }
-    const delay = Math.min(1000 * 2 ** retries, RECONNECT_MAX_MS);
-    retries += 1;
-    ui.connection.textContent = `Connection lost. Reconnecting in ${Math.round(delay / 1000)} s…`;
-    retryTimer = setTimeout(() => {
-      if (current?.id === id) {
-        ui.connection.textContent = "Reconnecting…";
-        connect();
-      }
-    }, delay);
+    reconnectLater(id);
   });
 }
 
+function reconnectLater(id) {
+  const delay = Math.min(1000 * 2 ** retries, RECONNECT_MAX_MS);
+  retries += 1;
+  ui.connection.textContent = `Connection lost. Reconnecting in ${Math.round(delay / 1000)} s…`;
+  retryTimer = setTimeout(() => reconnect(id), delay);
+}
+
+async function reconnect(id) {
+  if (current?.id !== id) return;
+  ui.connection.textContent = "Reconnecting…";
+  // Resuming the answer being written gives what the page missed of it; anything else that happened meanwhile is
+  // in the saved thread.
+  if (!streaming) {
+    try {
+      await loadMessages();
+    } catch {
+      if (current?.id === id) reconnectLater(id);
+      return;
+    }
+  }
+  if (current?.id === id) connect();
+}
+
+// A frame that acts on the thread; false, and the user told, while the socket is down.
+function sendFrame(frame) {
+  if (socket?.readyState !== WebSocket.OPEN) {
+    showAlert("Not connected: try again once the connection is back.");
+    return false;
+  }
+  socket.send(JSON.stringify(frame));
+  return true;
+}
+
+function find(messageId) {
+  return ui.messages.querySelector(`[data-message-id="${CSS.escape(messageId)}"]`);
+}
+
 function bubbleFor(messageId) {
-  let bubble = ui.messages.querySelector(`[data-message-id="${CSS.escape(messageId)}"]`);
+  let bubble = find(messageId);
   if (!bubble) {
     bubble = assistantBubble(messageId, "streaming");
     ui.messages.append(bubble);
-    setRunning(true);
   }
   return bubble;
 }
 
+function refresh() {
+  loadMessages().catch((error) => showAlert(error.message));
+}
+
 function onEvent(event) {
+  if (Number.isInteger(event.seq)) {
+    // Each event of an answer once, though a resumed run may give again what the page shows.
+    if (event.seq <= (lastSeq.get(event.message_id) ?? 0)) return;
+    lastSeq.set(event.message_id, event.seq);
+    setStreaming(event.event === "done" ? null : event.message_id);
+  }
   switch (event.event) {
     case "message_created":
       if (event.request_id && event.request_id === pending?.requestId) pending = null;
-      ui.messages.append(userBubble(event.message));
+      if (!find(event.message.id)) ui.messages.append(userBubble(event.message));
       scrollToEnd(true);
       break;
     case "message_started":
       showAlert("");
-      setRunning(true);
-      bubbleFor(event.message_id);
+      setStatus(bubbleFor(event.message_id), "streaming");
       scrollToEnd(true);
       break;
     case "text_delta": {
@@ -370,11 +538,19 @@ function onEvent(event) {
       scrollToEnd();
       break;
     }
-    case "tool_call": {
-      const label = TOOL_LABELS[event.tool_call.name] ?? `Looked up ${event.tool_call.name.replaceAll("_", " ")}`;
-      bubbleFor(event.message_id).querySelector(".tools").append(make("li", "", label));
+    case "tool_result":
+      toolResult(bubbleFor(event.message_id), event.tool_result.name);
+      break;
+    case "approval_required": {
+      const tools = bubbleFor(event.message_id).querySelector(".tools");
+      tools.append(toolLine(event.approval.tool, "pending"));
+      tools.after(approvalCard(event.approval));
+      scrollToEnd(true);
       break;
     }
+    case "approval_decided":
+      approvalDecided(bubbleFor(event.message_id), event.approval);
+      break;
     case "message_complete": {
       // A blocking query's answer arrives whole here, with no deltas before it.
       const bubble = bubbleFor(event.message_id);
@@ -383,18 +559,26 @@ function onEvent(event) {
       setStatus(bubble, event.status ?? "complete");
       break;
     }
-    case "error":
+    case "error": {
+      if (event.error_type === "resume_expired") {
+        // The run's events are no longer kept: the saved thread says how it ended.
+        setStreaming(null);
+        refresh();
+        break;
+      }
       showAlert(event.error);
       // A refused query gives its text back, unless the user has started typing another.
       if (event.request_id && event.request_id === pending?.requestId) {
         if (!ui.query.value) ui.query.value = pending.text;
         pending = null;
       }
+      const card = event.request_id && ui.messages.querySelector(`[data-request-id="${CSS.escape(event.request_id)}"]`);
+      if (card && !card.dataset.outcome) setDeciding(card, false);
       break;
+    }
     case "done":
-      setRunning(false);
       // The saved thread knows how the answer ended (complete, incomplete, failed) and its final output.
-      loadMessages().catch((error) => showAlert(error.message));
+      refresh();
       loadThreads().catch(() => {});
       break;
     default:
@@ -402,9 +586,18 @@ function onEvent(event) {
   }
 }
 
+function decide(card, approved) {
+  requestSeq += 1;
+  const requestId = `a${requestSeq}`;
+  if (!sendFrame({ type: "approval", approval_id: card.dataset.approvalId, approved, request_id: requestId })) return;
+  card.dataset.requestId = requestId;
+  setDeciding(card, true);
+}
+
 function send() {
   const text = ui.query.value.trim();
-  if (!text || !current) return;
+  // While an answer is written the question waits in the box.
+  if (!text || !current || streaming) return;
   if (socket?.readyState === WebSocket.CONNECTING) {
     socket.addEventListener("open", send, { once: true });
     return;
@@ -434,7 +627,7 @@ ui.query.addEventListener("keydown", (event) => {
   }
 });
 ui.stop.addEventListener("click", () => {
-  socket?.send(JSON.stringify({ type: "cancel" }));
+  sendFrame({ type: "cancel" });
   ui.query.focus();
 });
 ui.newThread.addEventListener("submit", (event) => {
