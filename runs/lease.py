@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import TypeVar
 
 from django.conf import settings
@@ -171,7 +172,8 @@ async def until_stopped(run: Run, model_call: Coroutine[object, object, R]) -> R
 
 
 def usage_metadata(usage: RunUsage, before: JSON = None) -> dict[str, JSON]:
-    """The run's usage, added to `before`: what the answer used before it stopped for approval."""
+    """The run's usage, added to `before`: what the answer used before it stopped for approval. `cost` is
+    genai-prices' estimate in USD, a decimal string, or None when the model's price is unknown."""
     counts: dict[str, JSON] = {
         "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens,
@@ -179,9 +181,14 @@ def usage_metadata(usage: RunUsage, before: JSON = None) -> dict[str, JSON]:
         "requests": usage.requests,
         "tool_calls": usage.tool_calls,
     }
+    cost = usage.cost
     if isinstance(before, dict):
         counts = {name: value + before.get(name, 0) for name, value in counts.items()}  # type: ignore[operator]
-    return counts
+        earlier = before.get("cost")
+        if isinstance(earlier, str):
+            cost = (cost or 0) + Decimal(earlier)
+    # Fixed-point: a decimal's own str may be in exponent notation ("7.5E-7").
+    return {**counts, "cost": None if cost is None else format(cost, "f")}
 
 
 async def close_run(
