@@ -2,18 +2,23 @@
 
     python -m bankagent.serve [--host 0.0.0.0] [--port 8000] [--workers N]
 
-The workers share PostgreSQL and Redis: a run's events and cancels reach every worker through the channel layer.
+The workers share PostgreSQL and Redis: a run's events and cancels reach every worker through the channel layer,
+and a directory of metrics files (PROMETHEUS_MULTIPROC_DIR), which any worker's `/metrics` adds up.
 granian, rather than uvicorn or daphne, because it spreads connections evenly over its workers: with a shared
 listening socket a few keep-alive clients can all land on one worker (bench/README.md has the figures). A worker
 stops by itself when its master dies.
 """
 
 import argparse
+import contextlib
 import functools
+import glob
 import logging
 import os
 import select
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from typing import Any
@@ -74,6 +79,41 @@ def _stop_when_exited(exited: int | None) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def metrics_dir() -> str | None:
+    """Give the workers a directory for their metrics files, without a file of an earlier server in it: the
+    operator's PROMETHEUS_MULTIPROC_DIR (created if need be), or a fresh private one, whose path is returned for
+    `main` to remove once the server stops. Set before prometheus_client is first imported, which is when the
+    library decides to write values to files."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        os.makedirs(given, mode=0o700, exist_ok=True)
+        for stale in glob.glob(os.path.join(given, "*.db")):
+            os.remove(stale)
+        return None
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made = tempfile.mkdtemp(prefix="bankagent-metrics-")
+    return made
+
+
+class Server(Granian):  # type: ignore[misc, valid-type]
+    """granian's server, which forgets an exited worker's gauges of live values (runs in flight, open sockets):
+    the files of a worker killed or respawned would otherwise count its runs and sockets for ever. Its counters
+    and histograms stay: they go on counting what it served."""
+
+    def _spawn_worker(self, *args: Any, **kwargs: Any) -> Any:
+        worker = super()._spawn_worker(*args, **kwargs)
+        wait_for_exit = worker._watcher  # granian's thread a worker: it returns once the worker has exited
+
+        def forget_when_exited() -> None:
+            wait_for_exit()
+            from prometheus_client import multiprocess  # here: imported in the master, it is not before main()
+
+            with contextlib.suppress(OSError):  # the directory went with the server
+                multiprocess.mark_process_dead(worker._id())
+
+        worker._watcher = forget_when_exited
+        return worker
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
@@ -97,8 +137,16 @@ def main() -> None:
         # Without Redis each worker would keep its own events, cancels, tickets and rate limits.
         parser.error("Several workers share runs, tickets and rate limits through Redis: set REDIS_URL, or serve one.")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bankagent.settings")
+    made = metrics_dir()
+    try:
+        serve(args)
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
 
-    Granian(
+
+def serve(args: argparse.Namespace) -> None:
+    Server(
         "bankagent.asgi:application",
         address=args.host,
         port=args.port,
