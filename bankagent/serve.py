@@ -33,20 +33,21 @@ logger = logging.getLogger("bankagent.serve")  # not __main__, as `python -m` na
 WORKERS_KILL_TIMEOUT = 30
 
 
-def load_application(master: int) -> Any:
-    """The application, loaded in each worker as it starts; a worker process watches its master, `master`."""
+def load_application(master: int, metrics: str | None = None) -> Any:
+    """The application, loaded in each worker as it starts; a worker process watches its master, `master` (and
+    removes the master's directory of metrics, `metrics`, if the master dies without doing so)."""
     if os.getpid() != master:  # granian on a free-threaded Python runs its workers as threads of the master
         # A forked worker starts with the master's SIGTERM handler, which only flags the master's copy of its state:
         # until granian sets the worker's own, once the application is loaded, a SIGTERM would be lost. Stopped
         # while it starts, the worker has nothing to finish.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        watch_master(master)
+        watch_master(master, metrics)
     from bankagent.asgi import application
 
     return application
 
 
-def watch_master(master: int) -> None:
+def watch_master(master: int, metrics: str | None = None) -> None:
     """Stop this worker once `master` has exited.
 
     granian's master stops its workers when it stops; killed (SIGKILL, an out-of-memory kill), it cannot, and a worker
@@ -65,13 +66,15 @@ def watch_master(master: int) -> None:
     if exited is not None and os.getppid() != master:
         os.close(exited)
         exited = None
-    threading.Thread(target=_stop_when_exited, args=(exited,), name="master-watch", daemon=True).start()
+    threading.Thread(target=_stop_when_exited, args=(exited, metrics), name="master-watch", daemon=True).start()
 
 
-def _stop_when_exited(exited: int | None) -> None:
+def _stop_when_exited(exited: int | None, metrics: str | None) -> None:
     if exited is not None:
         select.select([exited], [], [])
     logger.error("The master process is gone: worker %s stops", os.getpid())
+    if metrics is not None:  # the master's to remove as it stops; every worker is stopping with it
+        shutil.rmtree(metrics, ignore_errors=True)
     # What the master would send: granian's worker closes its connections and its event loop ends.
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(WORKERS_KILL_TIMEOUT)
@@ -139,13 +142,13 @@ def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bankagent.settings")
     made = metrics_dir()
     try:
-        serve(args)
+        serve(args, made)
     finally:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
 
 
-def serve(args: argparse.Namespace) -> None:
+def serve(args: argparse.Namespace, metrics: str | None) -> None:
     Server(
         "bankagent.asgi:application",
         address=args.host,
@@ -162,7 +165,7 @@ def serve(args: argparse.Namespace) -> None:
         log_level=LogLevels.warning,
         respawn_failed_workers=True,
         workers_kill_timeout=WORKERS_KILL_TIMEOUT,
-    ).serve(target_loader=functools.partial(load_application, os.getpid()), wrap_loader=False)
+    ).serve(target_loader=functools.partial(load_application, os.getpid(), metrics), wrap_loader=False)
 
 
 if __name__ == "__main__":

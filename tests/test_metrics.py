@@ -381,6 +381,28 @@ def test_serve_makes_a_fresh_private_directory_when_none_is_set(monkeypatch):
         os.rmdir(made)
 
 
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="needs PostgreSQL, which the server process shares")
+@pytest.mark.parametrize("stop", ["stopped", "master killed"])
+def test_serves_private_directory_goes_with_the_server(tmp_path, stop):
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    server = LiveServer("granian", server_env(TMPDIR=str(temporary)), tmp_path / "granian.log")
+    server.start(healthy=True)
+    try:
+        assert server.process is not None
+        [made] = temporary.glob("bankagent-metrics-*")
+        assert request(server.port, "GET", "/metrics").status == 200
+        assert list(made.glob("counter_*.db"))
+        if stop == "stopped":
+            server.stop()
+        else:
+            server.process.kill()  # the master alone: its worker, stopping, removes the directory
+            server.process.wait()
+        poll(lambda: not made.exists())
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def two_workers(tmp_path) -> Iterator[tuple[LiveServer, str]]:
     """`python -m bankagent.serve` with two workers on the test database and Redis, the demo model answering; its
