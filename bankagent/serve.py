@@ -93,8 +93,28 @@ def metrics_dir() -> str | None:
         for stale in glob.glob(os.path.join(given, "*.db")):
             os.remove(stale)
         return None
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made = tempfile.mkdtemp(prefix="bankagent-metrics-")
+    _remove_dead_servers_dirs()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made = tempfile.mkdtemp(prefix=f"{PRIVATE_METRICS}{os.getpid()}-")
     return made
+
+
+PRIVATE_METRICS = "bankagent-metrics-"
+"""The private directory's name, before its server's pid."""
+
+
+def _remove_dead_servers_dirs() -> None:
+    """Remove the private directories of servers killed with all their workers at once (nothing of theirs was left
+    to remove them)."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{PRIVATE_METRICS}*-*")):
+        pid = os.path.basename(path).removeprefix(PRIVATE_METRICS).split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # alive, another user's
 
 
 class Server(Granian):  # type: ignore[misc, valid-type]

@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import stat
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -368,17 +370,32 @@ def test_serve_wipes_an_operators_directory_of_earlier_files(tmp_path, monkeypat
     assert created.is_dir()
 
 
-def test_serve_makes_a_fresh_private_directory_when_none_is_set(monkeypatch):
+def test_serve_makes_a_fresh_private_directory_when_none_is_set(monkeypatch, tmp_path):
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "restored after the test")
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    # Left by servers killed with all their workers, by one that is running, and by something else.
+    dead, running, other = (
+        tmp_path / name
+        for name in (
+            f"bankagent-metrics-{gone.pid}-abc",
+            f"bankagent-metrics-{os.getpid()}-def",
+            "bankagent-metrics-ghi",
+        )
+    )
+    for directory in (dead, running, other):
+        directory.mkdir()
+        (directory / "counter_1.db").write_bytes(b"")
 
     made = serve.metrics_dir()
-    try:
-        assert made is not None and os.environ["PROMETHEUS_MULTIPROC_DIR"] == made
-        assert os.listdir(made) == []
-        assert stat.S_IMODE(os.stat(made).st_mode) == 0o700
-    finally:
-        os.rmdir(made)
+
+    assert made is not None and os.environ["PROMETHEUS_MULTIPROC_DIR"] == made
+    assert os.path.dirname(made) == str(tmp_path)
+    assert os.listdir(made) == []
+    assert stat.S_IMODE(os.stat(made).st_mode) == 0o700
+    assert (dead.exists(), running.exists(), other.exists()) == (False, True, True)
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="needs PostgreSQL, which the server process shares")
