@@ -1,5 +1,6 @@
 """bankagent settings: everything that differs between machines comes from the environment."""
 
+import ipaddress
 import logging
 import math
 import os
@@ -322,6 +323,27 @@ SPECTACULAR_SETTINGS = {
     },
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "bankagent.schema.complete_schema"],
 }
+
+
+def _networks(name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Comma-separated networks (`10.0.0.0/8`) or single addresses; one that is neither names itself at start-up."""
+    try:
+        return tuple(
+            ipaddress.ip_network(item.strip(), strict=False)
+            for item in os.environ.get(name, "").split(",")
+            if item.strip()
+        )
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} must be comma-separated networks such as 10.0.0.0/8: {exc}") from exc
+
+
+# GET /metrics (bankagent.metrics): with METRICS_TOKEN, for whoever sends it as a bearer token; without it, for
+# loopback and METRICS_ALLOWED_NETWORKS. First in MIDDLEWARE, it counts every response.
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="").strip()
+METRICS_ALLOWED_NETWORKS = _networks("METRICS_ALLOWED_NETWORKS")
+MIDDLEWARE.insert(0, "bankagent.metrics.RequestMetricsMiddleware")
+# Scrapers, like health probes, reach the process over plain http.
+SECURE_REDIRECT_EXEMPT = [*SECURE_REDIRECT_EXEMPT, r"^metrics$"]
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").strip().upper()
 if LOG_LEVEL not in logging.getLevelNamesMapping():

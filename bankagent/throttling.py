@@ -16,6 +16,7 @@ from rest_framework.request import Request
 from rest_framework.throttling import SimpleRateThrottle
 
 from bankagent.exceptions import Throttled
+from bankagent.metrics import record_refusal
 from identity.authentication import Principal
 
 if TYPE_CHECKING:  # DRF's views import the throttle classes their settings name
@@ -44,6 +45,10 @@ class PrincipalRateThrottle(SimpleRateThrottle):
             PrincipalRateThrottle.shared_counts_down_until = self.timer() + SHARED_COUNTS_RETRY_SECONDS
             self.cache = PROCESS_COUNTS
             return super().allow_request(request, view)
+
+    def throttle_failure(self) -> bool:
+        record_refusal("throttled", self.scope)
+        return super().throttle_failure()
 
     def get_rate(self) -> str | None:
         return settings.THROTTLE_RATES.get(self.scope)

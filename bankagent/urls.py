@@ -3,6 +3,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
+from bankagent.metrics import metrics_view
 from bankagent.views import HealthView, api_not_found
 from identity.authentication import APIKeyAuthentication
 from threads.views import (
@@ -39,6 +40,7 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     re_path(r"^api/", api_not_found),
     path("admin/", admin.site.urls),
+    path("metrics", metrics_view, name="metrics"),
     path("", include("chat.urls")),
 ]
 

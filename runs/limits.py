@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from django.conf import settings
 
 from bankagent.exceptions import Overloaded
+from bankagent.metrics import record_refusal
 from runs.loops import per_loop
 
 
@@ -23,6 +24,7 @@ class RunSlots:
     def take(self) -> None:
         """One run's slot, or Overloaded."""
         if self.taken >= settings.RUN_CONCURRENCY:
+            record_refusal("overloaded", "runs")
             raise Overloaded()
         self.taken += 1
 

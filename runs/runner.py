@@ -32,6 +32,7 @@ from bankagent.exceptions import (
     as_application_error,
 )
 from bankagent.jsontypes import JSON
+from bankagent.metrics import record_run_ended, record_run_started, record_tokens
 from runs.approvals import approvals_lapse
 from runs.broadcast import Broadcast
 from runs.events import Backlog, error_event
@@ -192,6 +193,7 @@ async def execute(run: Run, broadcast: Broadcast, answer: ModelStep) -> APIExcep
     any, is sent as an `error` event before it and returned."""
     progress = Progress()
     failure: APIException | None = None
+    record_run_started(run)
     try:
         if run.start.deferred is None:
             broadcast.emit(message_created(run))
@@ -223,6 +225,7 @@ async def execute(run: Run, broadcast: Broadcast, answer: ModelStep) -> APIExcep
                 error=error_info(failure),
             )
         else:
+            record_tokens(run, result.usage)
             usage = usage_metadata(result.usage, run.start.assistant_message.metadata.get("usage"))
             if isinstance(result.output, DeferredToolRequests):
                 await _stop_for_approval(run, progress, broadcast, result, usage)
@@ -249,6 +252,7 @@ async def execute(run: Run, broadcast: Broadcast, answer: ModelStep) -> APIExcep
     finally:
         # Released first: nothing a reader does with the last events can keep the thread busy.
         release(run)
+        record_run_ended(run, progress, failure)
         if failure is not None:
             broadcast.emit(error_event(failure, message_id=str(run.message_id)))
         broadcast.emit({"event": "done"})

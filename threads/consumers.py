@@ -24,6 +24,7 @@ from bankagent.exceptions import (
     as_application_error,
 )
 from bankagent.jsontypes import JSONObject
+from bankagent.metrics import record_websocket
 from bankagent.parsers import loads_strict
 from bankagent.throttling import check_run_throttles, throttling_on
 from identity.authentication import Principal, SocketCredentials, authenticate_socket
@@ -104,6 +105,7 @@ class ThreadConsumer(AsyncWebsocketConsumer):
             logger.warning("Refusing a socket on thread %s: the channel layer is down", thread.pk, exc_info=True)
             return await self._refuse(CLOSE_TRY_AGAIN_LATER, ServiceUnavailable())
         self.thread, self.credentials = thread, credentials
+        record_websocket(opened=True)
         await self.accept()
         self.writer = asyncio.create_task(self._write())
         self.writer.add_done_callback(self._writer_done)
@@ -134,6 +136,7 @@ class ThreadConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         if self.thread is not None:
+            record_websocket(opened=False)
             await hub().unwatch(self.thread.pk, self)
         if self.writer is not None:
             self.writer.cancel()
