@@ -334,3 +334,35 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
 }
+
+
+# Traces (OpenTelemetry), read from the standard variables; off unless they name an exporter or an OTLP endpoint.
+# The exporter, the sampler and the resource read the rest of them (OTEL_EXPORTER_OTLP_HEADERS, OTEL_TRACES_SAMPLER,
+# OTEL_RESOURCE_ATTRIBUTES, ...) themselves.
+def _traces_exporters() -> list[str]:
+    if _flag("OTEL_SDK_DISABLED", False):
+        return []
+    named = [name.strip().lower() for name in os.environ.get("OTEL_TRACES_EXPORTER", "").split(",") if name.strip()]
+    if not named:
+        endpoints = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+        named = ["otlp"] if any(os.environ.get(name, "").strip() for name in endpoints) else []
+    if "none" in named:
+        return []
+    if unknown := sorted(set(named) - {"otlp", "console"}):
+        raise ImproperlyConfigured(f"OTEL_TRACES_EXPORTER must name otlp, console or none, not {unknown[0]!r}.")
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip()
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip()
+        or "http/protobuf"
+    )
+    if "otlp" in named and protocol != "http/protobuf":
+        raise ImproperlyConfigured(
+            f"OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL must be http/protobuf (OTLP over HTTP), not {protocol!r}."
+        )
+    return named
+
+
+TRACES_EXPORTERS = _traces_exporters()
+OTEL_SERVICE_NAME = env.str("OTEL_SERVICE_NAME", default="").strip() or "bankagent"
+OTEL_CAPTURE_CONTENT = _flag("OTEL_CAPTURE_CONTENT", False)
+"""Prompts, answers, tool arguments and results in the model's and tools' spans: off, as they are the customer's."""
