@@ -12,8 +12,9 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import OriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from bankagent import telemetry  # noqa: E402
 from bankagent.context import ASGIRequestId  # noqa: E402
-from bankagent.middleware import ASGIBodyLimit, ASGIHeadWithoutBody  # noqa: E402
+from bankagent.middleware import ASGIApp, ASGIBodyLimit, ASGIHeadWithoutBody  # noqa: E402
 from threads.routing import websocket_urlpatterns  # noqa: E402
 
 
@@ -24,16 +25,24 @@ class BrowserOriginValidator(OriginValidator):
         return parsed_origin is None or super().valid_origin(parsed_origin)
 
 
-application = ASGIRequestId(
-    ProtocolTypeRouter(
-        {
-            "http": ASGIHeadWithoutBody(ASGIBodyLimit(django_asgi_app)),
-            "websocket": BrowserOriginValidator(
-                AuthMiddlewareStack(URLRouter(websocket_urlpatterns)), settings.ALLOWED_HOSTS
-            ),
-        }
-    )
+router = ProtocolTypeRouter(
+    {
+        "http": ASGIHeadWithoutBody(ASGIBodyLimit(django_asgi_app)),
+        "websocket": BrowserOriginValidator(
+            AuthMiddlewareStack(URLRouter(websocket_urlpatterns)), settings.ALLOWED_HOSTS
+        ),
+    }
 )
+
+
+def wrapped(app: ASGIApp) -> ASGIApp:
+    """`app` behind what every request and websocket passes first: its request id, then its span when tracing is
+    on (inside, so that the span knows the id)."""
+    return ASGIRequestId(telemetry.traced(app))
+
+
+telemetry.setup()  # once in each worker process, as it loads the application
+application = wrapped(router)
 
 # Everything imported so far lives as long as the process: leave it out of every garbage collection from now on,
 # which otherwise walks the whole of Django and pydantic-ai again and again under load.

@@ -6,9 +6,11 @@ task keeps its request's, and a value set inside a run stays within it.
 
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+
+from django.core.signals import request_finished
 
 from bankagent.middleware import ASGIApp, Receive, Scope, Send
 
@@ -23,6 +25,9 @@ run_id: ContextVar[str | None] = ContextVar("run_id", default=None)
 
 FIELDS = {"request_id": request_id, "user_id": user_id, "thread_id": thread_id, "run_id": run_id}
 
+on_bind: Callable[[dict[str, str]], None] | None = None
+"""Told the values each `bind` and `bound` sets (tracing sets them on the current span); None: nobody listens."""
+
 
 def current() -> dict[str, str]:
     """The values known here, by name."""
@@ -33,6 +38,8 @@ def current() -> dict[str, str]:
 def bound(**values: object) -> Iterator[None]:
     """Sets the given values (by FIELDS name) for the block, as strings."""
     tokens = [(FIELDS[name], FIELDS[name].set(str(value))) for name, value in values.items() if value is not None]
+    if on_bind is not None:
+        on_bind({name: str(value) for name, value in values.items() if value is not None})
     try:
         yield
     finally:
@@ -45,6 +52,18 @@ def bind(**values: object) -> None:
     for name, value in values.items():
         if value is not None:
             FIELDS[name].set(str(value))
+    if on_bind is not None:
+        on_bind({name: str(value) for name, value in values.items() if value is not None})
+
+
+def _forget(sender: object, **kwargs: object) -> None:
+    """Forgets the user, thread and run of the request that finished. Served by the event loop, a request has a
+    context of its own; served synchronously (Django's test client), the next request would find them."""
+    for variable in (user_id, thread_id, run_id):
+        variable.set(None)
+
+
+request_finished.connect(_forget)
 
 
 def request_id_of(scope: Scope) -> str:

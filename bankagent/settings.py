@@ -349,10 +349,51 @@ LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").strip().upper()
 if LOG_LEVEL not in logging.getLevelNamesMapping():
     raise ImproperlyConfigured(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {LOG_LEVEL!r}.")
 
+LOG_FORMAT = env.str("LOG_FORMAT", default="plain").strip().lower() or "plain"
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be plain or json, not {LOG_FORMAT!r}.")
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # Every line says the request, user, thread and run it was logged in, those of them that are known.
+    "filters": {"context": {"()": "bankagent.logs.ContextFilter"}},
+    "formatters": {
+        "plain": {"()": "bankagent.logs.PlainFormatter", "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "bankagent.logs.JSONFormatter"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["context"]}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
 }
+
+
+# Traces (OpenTelemetry), read from the standard variables; off unless they name an exporter or an OTLP endpoint.
+# The exporter, the sampler and the resource read the rest of them (OTEL_EXPORTER_OTLP_HEADERS, OTEL_TRACES_SAMPLER,
+# OTEL_RESOURCE_ATTRIBUTES, ...) themselves.
+def _traces_exporters() -> list[str]:
+    if _flag("OTEL_SDK_DISABLED", False):
+        return []
+    named = [name.strip().lower() for name in os.environ.get("OTEL_TRACES_EXPORTER", "").split(",") if name.strip()]
+    if not named:
+        endpoints = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+        named = ["otlp"] if any(os.environ.get(name, "").strip() for name in endpoints) else []
+    if "none" in named:
+        return []
+    if unknown := sorted(set(named) - {"otlp", "console"}):
+        raise ImproperlyConfigured(f"OTEL_TRACES_EXPORTER must name otlp, console or none, not {unknown[0]!r}.")
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip()
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip()
+        or "http/protobuf"
+    )
+    if "otlp" in named and protocol != "http/protobuf":
+        raise ImproperlyConfigured(
+            f"OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL must be http/protobuf (OTLP over HTTP), not {protocol!r}."
+        )
+    return named
+
+
+TRACES_EXPORTERS = _traces_exporters()
+OTEL_SERVICE_NAME = env.str("OTEL_SERVICE_NAME", default="").strip() or "bankagent"
+OTEL_CAPTURE_CONTENT = _flag("OTEL_CAPTURE_CONTENT", False)
+"""Prompts, answers, tool arguments and results in the model's and tools' spans: off, as they are the customer's."""

@@ -22,6 +22,7 @@ from pydantic_ai.tools import DeferredToolRequests
 from rest_framework.exceptions import APIException
 
 from agents.llm import model_failure
+from bankagent import context, telemetry
 from bankagent.db import db, serve_outside_requests
 from bankagent.exceptions import (
     ApplicationError,
@@ -119,6 +120,7 @@ async def _open_and_execute(
     awaited: bool,
     started: asyncio.Future[Started | None],
 ) -> None:
+    context.bind(thread_id=thread_id)
     try:
         run = await open_run(thread_id=thread_id, take=take)
     except asyncio.CancelledError:
@@ -153,12 +155,14 @@ async def _open_and_execute(
         started.set_result(Started(run.turn, listener, finished, run.start.decided))
     if not awaited:
         serve_outside_requests()
-    try:
-        finished.set_result(await execute(run, broadcast, answer))
-    finally:
-        if not finished.done():
-            finished.set_exception(RunInterrupted())
-    await broadcast.flushed()
+    with telemetry.run_span(run, finished):
+        context.bind(run_id=run.message_id, user_id=run.start.thread.user_id)
+        try:
+            finished.set_result(await execute(run, broadcast, answer))
+        finally:
+            if not finished.done():
+                finished.set_exception(RunInterrupted())
+        await broadcast.flushed()
 
 
 def finish_lapsed(thread_id: uuid.UUID, message_id: uuid.UUID) -> None:

@@ -12,6 +12,7 @@ from django.conf import settings
 from rest_framework.exceptions import APIException, ValidationError
 
 from agents.registry import AGENTS
+from bankagent import context
 from bankagent.db import db, serve_outside_requests
 from bankagent.exceptions import (
     ApplicationError,
@@ -95,6 +96,7 @@ class ThreadConsumer(AsyncWebsocketConsumer):
             error = as_application_error(exc)
             code = CLOSE_TRY_AGAIN_LATER if error.status_code == 503 else CLOSE_INTERNAL_ERROR
             return await self._refuse(code, error)
+        context.bind(user_id=credentials.principal.user_id, thread_id=thread.pk)
         spec = AGENTS.get(thread.agent_type)
         self.backlog = Backlog(cumulative=spec is None or spec.structured, max_events=settings.STREAM_BACKLOG_EVENTS)
         self.dialect = Dialect(credentials.principal.events)

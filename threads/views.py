@@ -14,6 +14,7 @@ from rest_framework.response import Response
 from rest_framework.serializers import Serializer
 
 from agents.registry import AGENTS, agent_types
+from bankagent import context
 from bankagent.async_views import AsyncAPIView
 from bankagent.db import db
 from bankagent.exceptions import (
@@ -126,6 +127,7 @@ def active_run(messages: list[Message]) -> dict[str, object] | None:
 
 def own_thread(request: Request, thread_id: uuid.UUID) -> Thread:
     """The caller's end user's thread; anyone else's is a 404."""
+    context.bind(user_id=request.user.user_id, thread_id=thread_id)
     return selectors.thread_get_for_user(thread_id=thread_id, user_id=request.user.user_id)
 
 
@@ -274,6 +276,7 @@ class AgentQueryView(AsyncAPIView):
     )
     async def post(self, request: Request) -> Response:
         data = validated(AgentQuerySerializer, request.data)
+        context.bind(user_id=request.user.user_id, thread_id=data["thread_id"])
         turn = await run_blocking(user_id=request.user.user_id, thread_id=data["thread_id"], query=data["query"])
         return await answered(turn)
 
@@ -311,6 +314,7 @@ class ApprovalDecisionView(AsyncAPIView):
         except ValueError as exc:
             raise NotFound("There is no such approval on this thread.") from exc
         data = validated(ApprovalDecisionSerializer, request.data)
+        context.bind(user_id=request.user.user_id, thread_id=thread_id)
         turn = await decide_blocking(
             user_id=request.user.user_id,
             thread_id=thread_id,
@@ -342,6 +346,7 @@ class AgentStreamView(AsyncAPIView):
     )
     async def post(self, request: Request) -> StreamingHttpResponse:
         data = validated(AgentQuerySerializer, request.data)
+        context.bind(user_id=request.user.user_id, thread_id=data["thread_id"])
         listener = await start_stream(
             user_id=request.user.user_id, thread_id=data["thread_id"], query=data["query"], listen=True
         )
@@ -378,6 +383,7 @@ class RunEventsView(AsyncAPIView):
     async def get(self, request: Request, pk: str, message_id: str) -> StreamingHttpResponse:
         thread_id = selectors.parse_thread_id(pk)
         answer_id, after = resume_point(message_id, request.query_params.get("after", "0"))
+        context.bind(user_id=request.user.user_id, thread_id=thread_id, run_id=answer_id)
         follower = await follow(
             thread_id=thread_id,
             user_id=request.user.user_id,
