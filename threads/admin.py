@@ -41,8 +41,8 @@ class ThreadAdmin(admin.ModelAdmin):
     list_filter = ["agent_type", "created_at", "updated_at"]
     search_fields = ["user_id", "title"]
     date_hierarchy = "created_at"
-    readonly_fields = ["id", "user_id", "agent_type", "last_seq", "created_at", "updated_at"]
-    fields = ["id", "user_id", "agent_type", "title", "metadata", "last_seq", "created_at", "updated_at"]
+    readonly_fields = ["id", "user_id", "agent_type", "last_seq", "created_at", "updated_at", "summary"]
+    fields = ["id", "user_id", "agent_type", "title", "metadata", "last_seq", "created_at", "updated_at", "summary"]
     inlines = [MessageInline]
 
     def save_model(self, request, obj: Thread, form, change: bool) -> None:
