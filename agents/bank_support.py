@@ -11,6 +11,7 @@ from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, Use
 from pydantic_ai.tools import DeferredToolRequests
 from typing_extensions import TypedDict
 
+from agents.summary import EarlierSummary
 from bank.models import Customer
 from bank.selectors import customer_for_user, recent_transactions_of
 from bank.services import NoSuchCard, card_block
@@ -49,6 +50,8 @@ support_agent = Agent(
     # A call of a tool that needs the customer's approval stops the run with the calls it waits for.
     output_type=[ToolOutput(SupportOutput, name=OUTPUT_TOOL), DeferredToolRequests],
     name="bank_support",
+    # The thread's summary of what left the history window, ahead of the exchanges replayed.
+    capabilities=[EarlierSummary()],
     instructions=(
         "You are a support agent in our bank: give the customer support and judge the risk level of their query. "
         "Reply using the customer's name. When a card is lost, stolen or used by someone else, block it with the "

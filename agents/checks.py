@@ -16,6 +16,14 @@ def check_agent_model(app_configs: Any, **kwargs: Any) -> list[Error]:
 
 
 @register()
+def check_summary_model(app_configs: Any, **kwargs: Any) -> list[Error]:
+    name = settings.AGENT_SUMMARY_MODEL
+    problem = model_name_problem(name, "AGENT_SUMMARY_MODEL") if isinstance(name, str) and name else None
+    hint = "Use 'demo', a pydantic-ai model string, or nothing for AGENT_MODEL's."
+    return [Error(problem, hint=hint, id="agents.E003")] if problem else []
+
+
+@register()
 def check_registry(app_configs: Any, **kwargs: Any) -> list[Error]:
     return [
         Error(f"Registry entry {key!r} describes agent_type {spec.agent_type!r}.", id="agents.E002")

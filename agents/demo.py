@@ -1,8 +1,8 @@
 """The offline `demo` model: deterministic, keyless, and good enough to demo the whole service.
 
 It reads the conversation like a model would: it calls the agent's real tools when a question needs them,
-answers from their results, remembers what the user said earlier in the history it is given, and streams
-its answer in small chunks.
+answers from their results, remembers what the user said earlier in the history it is given (and in the thread's
+summary: it writes those too, keeping what the user said of themselves), and streams its answer in small chunks.
 """
 
 import asyncio
@@ -15,6 +15,7 @@ from pydantic_ai.messages import (
     ModelRequest,
     ModelResponse,
     ModelResponsePart,
+    SystemPromptPart,
     TextPart,
     ToolCallPart,
     ToolReturnPart,
@@ -23,6 +24,7 @@ from pydantic_ai.messages import (
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 
 from agents import demo_script
+from agents.summary import SUMMARY_INSTRUCTIONS, SUMMARY_PREFIX
 
 _CHUNK = re.compile(r"\s*\S+|\s+")
 
@@ -35,6 +37,15 @@ def _prompts(messages: list[ModelMessage]) -> list[str]:
         for part in message.parts
         if isinstance(part, UserPromptPart) and isinstance(part.content, str)
     ]
+
+
+def _summary(messages: list[ModelMessage]) -> str:
+    """The thread's summary the model is shown ahead of the history, if any."""
+    for message in messages:
+        for part in message.parts if isinstance(message, ModelRequest) else ():
+            if isinstance(part, SystemPromptPart) and part.content.startswith(SUMMARY_PREFIX):
+                return part.content.removeprefix(SUMMARY_PREFIX)
+    return ""
 
 
 def _tool_returns(messages: list[ModelMessage]) -> dict[str, ToolReturnPart]:
@@ -52,6 +63,8 @@ def respond(messages: list[ModelMessage], info: AgentInfo) -> list[ModelResponse
     """Decide the next response: a tool call the question needs, or the answer."""
     prompts = _prompts(messages)
     prompt = prompts[-1] if prompts else ""
+    if info.instructions == SUMMARY_INSTRUCTIONS:
+        return [TextPart(demo_script.summary(prompt))]
     returns = _tool_returns(messages)
     tools = {tool.name for tool in info.function_tools}
     if not returns and (call := demo_script.tool_for(prompt, tools)):
@@ -59,6 +72,7 @@ def respond(messages: list[ModelMessage], info: AgentInfo) -> list[ModelResponse
     context = demo_script.Context(
         prompt=prompt,
         earlier_prompts=prompts[:-1],
+        summary=_summary(messages),
         instructions=info.instructions or "",
         tool_results={
             name: (part.content if part.outcome == "success" else None)

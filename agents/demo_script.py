@@ -15,6 +15,15 @@ _FRAUD = re.compile(r"\b(fraud|scam|phishing|didn'?t make|don'?t recogni[sz]e|un
 _CREATIVE = re.compile(r"\b(poem|story|haiku|song|limerick|tale)\b", re.IGNORECASE)
 _GREETING = re.compile(r"^\s*(hi|hello|hey|good (morning|afternoon|evening))\b", re.IGNORECASE)
 _THANKS = re.compile(r"\b(thanks|thank you|cheers)\b", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+# What a user says of themselves, or an amount: what a summary keeps.
+_FACT = re.compile(
+    r"\b(my|i am|i'm|i live|i work|i have|i owe|i paid|i sent|i earn)\b|[$€£]\s?\d|\d\s?(dollars|euros|pounds)\b",
+    re.IGNORECASE,
+)
+_SUMMARY_BLOCK = re.compile(r"<summary>(.*?)</summary>", re.DOTALL)
+_USER_BLOCK = re.compile(r"<user>(.*?)</user>", re.DOTALL)
+FACTS_KEPT = 30
 
 POEM = (
     "Digits dance across the ledger's face,\n"
@@ -52,6 +61,8 @@ class Context:
     prompt: str
     earlier_prompts: list[str]
     instructions: str
+    summary: str = ""
+    """The thread's summary of the exchanges before `earlier_prompts`."""
     tool_results: dict[str, object] = field(default_factory=dict)
     """Results of the tools called for this prompt; None where the tool failed."""
     denied: dict[str, str] = field(default_factory=dict)
@@ -88,13 +99,13 @@ def tool_for(prompt: str, tools: set[str]) -> tuple[str, dict[str, object]] | No
 
 def told_name(prompts: list[str]) -> str | None:
     for prompt in reversed(prompts):
-        if match := _NAME_TOLD.search(prompt):
-            return match.group(1)
+        if told := _NAME_TOLD.findall(prompt):
+            return told[-1]
     return None
 
 
 def _name(context: Context) -> str | None:
-    if told := told_name([*context.earlier_prompts, context.prompt]):
+    if told := told_name([context.summary, *context.earlier_prompts, context.prompt]):
         return told
     match = _NAME_IN_INSTRUCTIONS.search(context.instructions)
     return match.group(1) if match else None
@@ -108,7 +119,7 @@ def _common(context: Context) -> str | None:
     """Answers both agents give alike."""
     name = _name(context)
     if _NAME_ASKED.search(context.prompt):
-        known = told_name(context.earlier_prompts) or name
+        known = told_name([context.summary, *context.earlier_prompts]) or name
         return f"Your name is {known}." if known else "You haven't told me your name yet."
     if told := told_name([context.prompt]):
         return f"Nice to meet you, {told}! How can I help you today?"
@@ -200,3 +211,22 @@ def chat_answer(context: Context) -> str:
         f"Good question. About “{topic[:200]}”: I'm the offline demo model, so I can't look things up, "
         "but I'm happy to keep you company, remember what you tell me, or write you a poem or a story."
     )
+
+
+def summary(prompt: str) -> str:
+    """The summary the demo model writes: what the user said of themselves, and amounts, in their words; the
+    summary so far (in <summary>) first, then the exchanges that came after it (each question in <user>)."""
+    previous = _SUMMARY_BLOCK.search(prompt)
+    facts = [line[2:] for line in (previous.group(1) if previous else "").splitlines() if line.startswith("- ")]
+    for question in _USER_BLOCK.findall(prompt):
+        for sentence in _SENTENCE_END.split(question.strip()):
+            sentence = sentence.strip()
+            if sentence and not sentence.endswith("?") and _FACT.search(sentence):
+                facts.append(sentence if sentence[-1] in ".!" else sentence + ".")
+    facts = list({fact.casefold(): fact for fact in facts}.values())  # the latest wording of each, in order
+    kept = facts[-FACTS_KEPT:]
+    if (name := next((fact for fact in reversed(facts) if _NAME_TOLD.search(fact)), None)) and name not in kept:
+        kept = [name, *kept[1:]]  # the user's name outlasts the other facts
+    if not kept:
+        return "Nothing the user said earlier needs remembering."
+    return "The user said earlier:\n" + "\n".join(f"- {fact}" for fact in kept)

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 from pydantic_ai import Agent
 
+from agents.summary import EarlierSummary
+
 
 @dataclass
 class ChatDependencies:
@@ -15,6 +17,8 @@ chat_agent = Agent(
     deps_type=ChatDependencies,
     output_type=str,
     name="general_chat",
+    # The thread's summary of what left the history window, ahead of the exchanges replayed.
+    capabilities=[EarlierSummary()],
     instructions="You are a friendly, concise assistant. Answer in plain text.",
 )
 

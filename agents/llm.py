@@ -22,17 +22,17 @@ logger = logging.getLogger(__name__)
 DEMO = "demo"
 
 
-def model_name_problem(name: str) -> str | None:
+def model_name_problem(name: str, setting: str = "AGENT_MODEL") -> str | None:
     """Why `name` cannot name a model, without needing its credentials; None when it can."""
     if name == DEMO:
         return None
     provider, _ = parse_model_id(name)
     if provider is None:
-        return f"AGENT_MODEL {name!r} is not of the form 'provider:model' (or 'demo')."
+        return f"{setting} {name!r} is not of the form 'provider:model' (or 'demo')."
     try:
         infer_provider_class(provider)
     except ValueError:
-        return f"AGENT_MODEL {name!r} names an unknown provider {provider!r}."
+        return f"{setting} {name!r} names an unknown provider {provider!r}."
     return None
 
 
@@ -51,7 +51,15 @@ def agent_model() -> Model:
 
     AGENT_MODEL may also hold a `Model` instance: tests put a `FunctionModel` there.
     """
-    name = settings.AGENT_MODEL
+    return _model(settings.AGENT_MODEL)
+
+
+def summary_model() -> Model:
+    """The model that writes threads' summaries: AGENT_SUMMARY_MODEL, or the agents' own when it is empty."""
+    return _model(settings.AGENT_SUMMARY_MODEL) if settings.AGENT_SUMMARY_MODEL else agent_model()
+
+
+def _model(name: str | Model) -> Model:
     if isinstance(name, Model):
         return name
     if name == DEMO:

@@ -237,6 +237,8 @@ AGENT_MODEL = env.str("AGENT_MODEL", default="demo")
 DEMO_MODEL_DELAY_MS = _whole("DEMO_MODEL_DELAY_MS", 25, minimum=0)
 # How many earlier exchanges of a thread the model sees.
 AGENT_HISTORY_TURNS = _whole("AGENT_HISTORY_TURNS", 20, minimum=0)
+# The model that folds the exchanges leaving that window into the thread's summary (empty: AGENT_MODEL's).
+AGENT_SUMMARY_MODEL = env.str("AGENT_SUMMARY_MODEL", default="")
 # A run holds its thread for this long past its last renewal (it renews every third of it); a run whose process
 # died is marked interrupted once it lapses. A streamed answer is checkpointed this often while it grows.
 RUN_LEASE_SECONDS = _number("RUN_LEASE_SECONDS", 30, minimum=1)

@@ -3,7 +3,8 @@
 `start_run` starts the run in a task of its own, which outlives whoever asked: it takes the thread (`runs.lease`),
 then `execute` has the model answer (whole for `run_blocking` and `decide_blocking`, streamed for `runs.pipeline`),
 saves the answer, and ends every run alike, with `done`. A run that calls a tool needing the customer's approval
-stops, saved `awaiting_approval`, and goes on once they decide.
+stops, saved `awaiting_approval`, and goes on once they decide. Once an answer is saved, the thread's summary of the
+exchanges that left the model's history window is brought up to date in the background (`runs.summaries`).
 """
 
 import asyncio
@@ -22,6 +23,7 @@ from pydantic_ai.tools import DeferredToolRequests
 from rest_framework.exceptions import APIException
 
 from agents.llm import model_failure
+from agents.summary import summary_shown
 from bankagent import context, telemetry
 from bankagent.db import db, serve_outside_requests
 from bankagent.exceptions import (
@@ -59,6 +61,7 @@ from runs.lease import (
     usage_metadata,
 )
 from runs.services import PendingCall, RunStart
+from runs.summaries import summary_after_answer
 from runs.sweeper import ensure_sweeper
 from threads.models import Approval, Message
 
@@ -206,7 +209,8 @@ async def execute(run: Run, broadcast: Broadcast, answer: ModelStep) -> APIExcep
         broadcast.emit(message_started(run))
         keep(run, progress)
         try:
-            result = await until_stopped(run, answer(run, progress, broadcast))
+            with summary_shown(run.start.thread.summary):
+                result = await until_stopped(run, answer(run, progress, broadcast))
         except asyncio.CancelledError:
             if run.local.stopped is None:
                 raise
@@ -243,6 +247,7 @@ async def execute(run: Run, broadcast: Broadcast, answer: ModelStep) -> APIExcep
                     model_messages=result.new_messages(),
                     usage=usage,
                 )
+                summary_after_answer(thread_id=run.start.thread.pk, answer_seq=run.start.assistant_message.seq)
         if failure is None:
             broadcast.emit(message_complete(run))
     except asyncio.CancelledError:

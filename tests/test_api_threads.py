@@ -412,8 +412,9 @@ def test_detail_is_the_thread_with_its_messages_and_has_more_messages(client, ma
 
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == THREAD_KEYS | {"messages", "has_more_messages", "active_run"}
+    assert set(body) == THREAD_KEYS | {"messages", "has_more_messages", "active_run", "summary"}
     assert body["active_run"] == {"message_id": body["messages"][-1]["id"], "last_seq": 0}  # no event sent yet
+    assert body["summary"] is None  # the model sees the whole thread
     assert body["id"] == str(thread.id)
     assert body["has_more_messages"] is False
     assert [(m["role"], m["content"], m["status"]) for m in body["messages"]] == [

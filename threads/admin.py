@@ -99,8 +99,8 @@ class ThreadAdmin(admin.ModelAdmin):
     list_filter = ["agent_type", AnswerStatusFilter, HighRiskFilter, CardBlockedFilter, "created_at", "updated_at"]
     search_fields = ["user_id", "title", "messages__content"]
     date_hierarchy = "created_at"
-    readonly_fields = ["id", "user_id", "agent_type", "last_seq", "created_at", "updated_at"]
-    fields = ["id", "user_id", "agent_type", "title", "metadata", "last_seq", "created_at", "updated_at"]
+    readonly_fields = ["id", "user_id", "agent_type", "last_seq", "created_at", "updated_at", "summary"]
+    fields = ["id", "user_id", "agent_type", "title", "metadata", "last_seq", "created_at", "updated_at", "summary"]
     actions = ["export_json"]
     save_on_top = True  # the transcript below the fields can be long
 

@@ -18,6 +18,12 @@ class Thread(models.Model):
     last_seq = models.PositiveBigIntegerField(default=0, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # The exchanges that left the model's history window, folded into a running summary the model is shown ahead of
+    # the rest (see runs.summaries): those up to `summary_upto_seq`, `summary_exchanges` of them.
+    summary = models.TextField(blank=True, default="", editable=False)
+    summary_upto_seq = models.PositiveBigIntegerField(default=0, editable=False)
+    summary_exchanges = models.PositiveIntegerField(default=0, editable=False)
+    summary_updated_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-updated_at", "-id"]

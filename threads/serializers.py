@@ -163,13 +163,25 @@ class ActiveRunSerializer(serializers.Serializer):
     last_seq = serializers.IntegerField(min_value=0)
 
 
+class ThreadSummarySerializer(serializers.Serializer):
+    """The earlier exchanges the model is shown as a summary, having left its window of the latest ones: null while
+    it sees them all."""
+
+    exchanges = serializers.IntegerField(source="summary_exchanges", min_value=1, help_text="How many it covers.")
+    updated_at = serializers.DateTimeField(source="summary_updated_at")
+
+    def to_representation(self, instance: Thread) -> dict[str, Any] | None:
+        return super().to_representation(instance) if instance.summary_exchanges else None
+
+
 class ThreadDetailSerializer(ThreadSerializer):
     messages = MessageSerializer(source="messages_page", many=True, read_only=True)
     has_more_messages = serializers.BooleanField(read_only=True)
     active_run = ActiveRunSerializer(read_only=True, allow_null=True)
+    summary = ThreadSummarySerializer(source="*", read_only=True, allow_null=True)
 
     class Meta(ThreadSerializer.Meta):
-        fields = [*ThreadSerializer.Meta.fields, "messages", "has_more_messages", "active_run"]
+        fields = [*ThreadSerializer.Meta.fields, "messages", "has_more_messages", "active_run", "summary"]
         read_only_fields = fields
 
 
