@@ -5,14 +5,14 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import Error, register
 
-from agents.llm import model_name_problem
+from agents.llm import model_setting_problems
 from agents.registry import AGENTS
 
 
 @register()
 def check_agent_model(app_configs: Any, **kwargs: Any) -> list[Error]:
-    problem = model_name_problem(settings.AGENT_MODEL)
-    return [Error(problem, hint="Use 'demo' or a pydantic-ai model string.", id="agents.E001")] if problem else []
+    hint = "Use 'demo' or a pydantic-ai model string, or several separated by commas (tried in turn)."
+    return [Error(problem, hint=hint, id="agents.E001") for problem in model_setting_problems(settings.AGENT_MODEL)]
 
 
 @register()

@@ -18,10 +18,11 @@ from datetime import timedelta
 from django.conf import settings
 from django.utils import timezone
 from pydantic_ai.agent import AgentRunResult
+from pydantic_ai.messages import ModelResponse
 from pydantic_ai.tools import DeferredToolRequests
 from rest_framework.exceptions import APIException
 
-from agents.llm import model_failure
+from agents.llm import answered_by, model_failure
 from bankagent.db import db, serve_outside_requests
 from bankagent.exceptions import (
     ApplicationError,
@@ -235,6 +236,7 @@ async def execute(run: Run, broadcast: Broadcast, answer: ModelStep) -> APIExcep
                     output=result.output,
                     model_messages=result.new_messages(),
                     usage=usage,
+                    model=answered_by(run.model, _last_response(result)),
                 )
         if failure is None:
             broadcast.emit(message_complete(run))
@@ -253,6 +255,10 @@ async def execute(run: Run, broadcast: Broadcast, answer: ModelStep) -> APIExcep
             broadcast.emit(error_event(failure, message_id=str(run.message_id)))
         broadcast.emit({"event": "done"})
     return failure
+
+
+def _last_response(result: AgentRunResult[object]) -> ModelResponse | None:
+    return next((m for m in reversed(result.new_messages()) if isinstance(m, ModelResponse)), None)
 
 
 async def _stop_for_approval(
@@ -280,6 +286,7 @@ async def _stop_for_approval(
         # The seq of the last event it will have sent: one a call, message_complete and done.
         events_seq=broadcast.seq + len(calls) + 2,
         usage=usage,
+        model=answered_by(run.model, _last_response(result)),
     )
     for call in calls:
         broadcast.emit({"event": "approval_required", "approval": approval_shape(call)})
