@@ -23,6 +23,7 @@ from bankagent.exceptions import (
     ModelNotConfigured,
     ModelTimeout,
     ModelUnavailable,
+    UsageLimitReached,
 )
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,9 @@ def model_failure(exc: BaseException) -> ApplicationError:
         failures = "; ".join(f"{type(error).__name__}: {error}" for error in exc.exceptions)
         logger.error("Every model of AGENT_MODEL failed: %s", failures)
         return ModelUnavailable()
+    if isinstance(exc, ai.UsageLimitExceeded):
+        logger.warning("A run reached its usage limit: %s", exc)
+        return UsageLimitReached()
     if isinstance(exc, ai.ModelTimeoutError | ai.ModelRequestTimeout | ai.RunTimedOut | TimeoutError):
         return ModelTimeout()
     if isinstance(exc, ai.ModelAuthenticationError):
@@ -141,7 +145,7 @@ def model_failure(exc: BaseException) -> ApplicationError:
         return ModelNotConfigured()
     if isinstance(exc, ai.ModelUnavailableError | ai.ModelConnectionError | ai.ModelRateLimitError):
         return ModelUnavailable()
-    if isinstance(exc, ai.ModelAPIError | ai.UnexpectedModelBehavior | ai.UsageLimitExceeded):
+    if isinstance(exc, ai.ModelAPIError | ai.UnexpectedModelBehavior):
         return ModelError()
     logger.exception("Agent run failed", exc_info=exc)
     return ApplicationError()

@@ -32,13 +32,13 @@ from bankagent.exceptions import (
     RunInterrupted,
     as_application_error,
 )
-from bankagent.jsontypes import JSON
 from runs.approvals import approvals_lapse
 from runs.broadcast import Broadcast
 from runs.events import Backlog, error_event
 from runs.keeper import Progress
 from runs.lease import (
     Run,
+    Spent,
     Take,
     Turn,
     approval_shape,
@@ -54,8 +54,8 @@ from runs.lease import (
     open_run,
     question,
     release,
+    spent,
     until_stopped,
-    usage_metadata,
 )
 from runs.services import PendingCall, RunStart
 from runs.sweeper import ensure_sweeper
@@ -211,6 +211,7 @@ async def execute(run: Run, broadcast: Broadcast, answer: ModelStep) -> APIExcep
                 status=Message.Status.INCOMPLETE,
                 content=progress.text,
                 output=progress.output,
+                used=spent(run),
                 cancelled=True,
             )
         except Exception as exc:
@@ -221,12 +222,13 @@ async def execute(run: Run, broadcast: Broadcast, answer: ModelStep) -> APIExcep
                 status=Message.Status.FAILED,
                 content=progress.text,
                 output=None,
+                used=spent(run),
                 error=error_info(failure),
             )
         else:
-            usage = usage_metadata(result.usage, run.start.assistant_message.metadata.get("usage"))
+            used = spent(run, result.usage)
             if isinstance(result.output, DeferredToolRequests):
-                await _stop_for_approval(run, progress, broadcast, result, usage)
+                await _stop_for_approval(run, progress, broadcast, result, used)
             else:
                 await close_run(
                     run,
@@ -235,7 +237,7 @@ async def execute(run: Run, broadcast: Broadcast, answer: ModelStep) -> APIExcep
                     content=final_content(run, result.output),
                     output=result.output,
                     model_messages=result.new_messages(),
-                    usage=usage,
+                    used=used,
                     model=answered_by(run.model, _last_response(result)),
                 )
         if failure is None:
@@ -262,7 +264,7 @@ def _last_response(result: AgentRunResult[object]) -> ModelResponse | None:
 
 
 async def _stop_for_approval(
-    run: Run, progress: Progress, broadcast: Broadcast, result: AgentRunResult[object], usage: JSON
+    run: Run, progress: Progress, broadcast: Broadcast, result: AgentRunResult[object], used: Spent
 ) -> None:
     """Save the answer waiting for the customer's approval of the tool calls the model made, then say so: an
     `approval_required` event for each (before `message_complete` and `done`)."""
@@ -285,7 +287,7 @@ async def _stop_for_approval(
         approvals=calls,
         # The seq of the last event it will have sent: one a call, message_complete and done.
         events_seq=broadcast.seq + len(calls) + 2,
-        usage=usage,
+        used=used,
         model=answered_by(run.model, _last_response(result)),
     )
     for call in calls:
@@ -337,4 +339,6 @@ async def _answer_whole(run: Run, progress: Progress, broadcast: Broadcast) -> A
         deps=start.deps,
         model=run.model,
         capabilities=[progress.tools],
+        usage_limits=run.usage_limits,
+        run_id=run.agent_run_id,
     )
