@@ -5,22 +5,22 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import Error, register
 
-from agents.llm import model_name_problem
+from agents.llm import model_setting_problems
 from agents.registry import AGENTS
 
 
 @register()
 def check_agent_model(app_configs: Any, **kwargs: Any) -> list[Error]:
-    problem = model_name_problem(settings.AGENT_MODEL)
-    return [Error(problem, hint="Use 'demo' or a pydantic-ai model string.", id="agents.E001")] if problem else []
+    hint = "Use 'demo' or a pydantic-ai model string, or several separated by commas (tried in turn)."
+    return [Error(problem, hint=hint, id="agents.E001") for problem in model_setting_problems(settings.AGENT_MODEL)]
 
 
 @register()
 def check_summary_model(app_configs: Any, **kwargs: Any) -> list[Error]:
-    name = settings.AGENT_SUMMARY_MODEL
-    problem = model_name_problem(name, "AGENT_SUMMARY_MODEL") if isinstance(name, str) and name else None
-    hint = "Use 'demo', a pydantic-ai model string, or nothing for AGENT_MODEL's."
-    return [Error(problem, hint=hint, id="agents.E003")] if problem else []
+    setting = settings.AGENT_SUMMARY_MODEL
+    problems = model_setting_problems(setting, "AGENT_SUMMARY_MODEL") if setting else []
+    hint = "Use 'demo', a pydantic-ai model string (or several, tried in turn), or nothing for AGENT_MODEL's."
+    return [Error(problem, hint=hint, id="agents.E003") for problem in problems]
 
 
 @register()

@@ -5,8 +5,10 @@ exceptions (not authenticated, method not allowed, throttled, ...) render the sa
 """
 
 import logging
+import math
 import uuid
 from collections.abc import Mapping
+from datetime import datetime
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied
@@ -190,9 +192,29 @@ class UnknownAgentType(ApplicationError):
         )
 
 
+class UsageLimitReached(ApplicationError):
+    """A run that needed more model requests, tool calls or output tokens than a run may use: asking again the same
+    way would stop again."""
+
+    status_code, default_code = 422, "usage_limit_reached"
+    default_detail = (
+        "The answer needed more than one answer may use (model requests, tool calls or output tokens): it was "
+        "stopped, and what it wrote so far is kept."
+    )
+
+
 class Throttled(ApplicationError):
     status_code, default_code = 429, "throttled"
     default_detail = "Too many requests: slow down and try again."
+
+
+class BudgetExceeded(ApplicationError):
+    status_code, default_code = 429, "budget_exceeded"
+    default_detail = "You have used today's tokens: ask again once they renew, at midnight UTC."
+
+    def __init__(self, *, limit: int, used: int, renews_at: datetime, now: datetime) -> None:
+        super().__init__(details={"limit": limit, "used": used, "renews_at": renews_at.isoformat()})
+        self.retry_after = max(1, math.ceil((renews_at - now).total_seconds()))
 
 
 class ModelError(ApplicationError):

@@ -18,6 +18,7 @@ from bankagent.exceptions import (
     ApprovalExpired,
     AuthenticationFailed,
     BadHost,
+    BudgetExceeded,
     CsrfFailed,
     DatabaseBusy,
     InvalidText,
@@ -38,6 +39,7 @@ from bankagent.exceptions import (
     ThreadBusy,
     Throttled,
     UnsupportedMediaType,
+    UsageLimitReached,
     ValidationFailed,
 )
 from identity.schema import API_KEY_SCHEME
@@ -108,7 +110,8 @@ ERROR = {
                 "details": {
                     "type": "object",
                     "description": "More about it: the field errors of `validation_error`, the known agent types "
-                    "of `unknown_agent_type`, the limit of `query_too_long`.",
+                    "of `unknown_agent_type`, the limit of `query_too_long`, the `limit`, `used` and `renews_at` "
+                    "of `budget_exceeded`.",
                 },
             },
         }
@@ -297,7 +300,8 @@ EVENTS = {
         "error",
         "The run failed (the answer is saved with status `failed`); `done` follows. The same code and message as "
         "the HTTP error would carry: `model_error`, `model_timeout`, `model_unavailable`, `model_not_configured`, "
-        "`run_interrupted`, `not_found` (the thread was deleted meanwhile), `internal_error`.",
+        "`usage_limit_reached` (the answer keeps what it wrote), `run_interrupted`, `not_found` (the thread was "
+        "deleted meanwhile), `internal_error`.",
         {"error": {"type": "string"}, "error_type": {"type": "string"}},
         {"details": {"type": "object"}},
     ),
@@ -409,13 +413,13 @@ BODY_ERRORS = (MalformedJson, NotAnObject, PayloadTooLarge, UnsupportedMediaType
 """Any call with a JSON body."""
 SESSION_WRITE_ERRORS = (CsrfFailed,)
 """An unsafe call of the chat page's session without its CSRF token."""
-RUN_START_ERRORS = (InvalidText, NotFound, ThreadBusy, QueryTooLong, Overloaded, ModelNotConfigured)
+RUN_START_ERRORS = (InvalidText, NotFound, ThreadBusy, QueryTooLong, BudgetExceeded, Overloaded, ModelNotConfigured)
 """A run refused before anything is written."""
-RUN_ERRORS = (*RUN_START_ERRORS, ModelError, ModelUnavailable, ModelTimeout, RunInterrupted)
+RUN_ERRORS = (*RUN_START_ERRORS, UsageLimitReached, ModelError, ModelUnavailable, ModelTimeout, RunInterrupted)
 """A blocking run: its failures are HTTP errors too (a streamed run's are `error` events)."""
 DECISION_ERRORS = (
-    *(InvalidText, NotFound, ApprovalDecided, ApprovalExpired, Overloaded, ModelNotConfigured),
-    *(ModelError, ModelUnavailable, ModelTimeout, RunInterrupted),
+    *(InvalidText, NotFound, ApprovalDecided, ApprovalExpired, BudgetExceeded, Overloaded, ModelNotConfigured),
+    *(UsageLimitReached, ModelError, ModelUnavailable, ModelTimeout, RunInterrupted),
 )
 """A decision on an approval, and the answer going on after it as a blocking run."""
 

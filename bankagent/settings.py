@@ -260,6 +260,19 @@ WS_TICKET_SECONDS = 60
 API_KEY_CACHE_SECONDS = _number("API_KEY_CACHE_SECONDS", 5, minimum=0)
 
 
+# Spending. A run stops with `usage_limit_reached` past AGENT_MAX_REQUESTS model requests (pydantic-ai's own default,
+# 50), AGENT_MAX_TOOL_CALLS tool calls or AGENT_MAX_OUTPUT_TOKENS output tokens. An end user who has used
+# USER_DAILY_TOKENS tokens today (UTC) is refused new runs until midnight UTC. Unset: no limit.
+def _limit(name: str) -> int | None:
+    return _whole(name, 0, minimum=1) or None
+
+
+AGENT_MAX_REQUESTS = _whole("AGENT_MAX_REQUESTS", 50, minimum=1)
+AGENT_MAX_TOOL_CALLS = _limit("AGENT_MAX_TOOL_CALLS")
+AGENT_MAX_OUTPUT_TOKENS = _limit("AGENT_MAX_OUTPUT_TOKENS")
+USER_DAILY_TOKENS = _limit("USER_DAILY_TOKENS")
+
+
 _RATE = re.compile(r"[1-9]\d*/(s|sec|second|m|min|minute|h|hour|d|day)")
 
 

@@ -6,6 +6,7 @@ from rest_framework.routers import SimpleRouter
 from bankagent.metrics import metrics_view
 from bankagent.views import HealthView, api_not_found
 from identity.authentication import APIKeyAuthentication
+from runs.views import UsageView
 from threads.views import (
     AgentQueryView,
     AgentStreamView,
@@ -31,6 +32,7 @@ api_v1 = [
         AgentViewSet.as_view({"post": "ticket"}, authentication_classes=[APIKeyAuthentication]),
         name="ws-ticket",
     ),
+    path("usage", UsageView.as_view(), name="usage"),
     path("health", HealthView.as_view(), name="health"),
 ]
 

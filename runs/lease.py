@@ -12,15 +12,17 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TypeVar
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
-from pydantic_ai.messages import ModelMessage
+from django.utils import timezone
+from pydantic_ai import capture_run_messages
+from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, ToolReturnPart
 from pydantic_ai.models import Model
-from pydantic_ai.usage import RunUsage
+from pydantic_ai.usage import RunUsage, UsageLimits
 from pydantic_core import to_jsonable_python
 
 from agents.llm import agent_model, model_label
@@ -35,6 +37,7 @@ from runs.keeper import Progress, keeper
 from runs.limits import model_turns, slots
 from runs.selectors import run_answer_state
 from runs.services import PendingCall, RunStart, run_begin, run_finish
+from runs.spending import Spending, budget_check
 from runs.tools import tool_calls_of
 from threads.models import Message, Thread
 
@@ -59,10 +62,22 @@ class Run:
     start: RunStart
     local: LocalRun
     started: float
+    agent_run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    """pydantic-ai's id of the run: the messages it adds carry it."""
+    said: list[ModelMessage] = field(default_factory=list)
+    """The messages of the model's run (those of the history before them), kept even when it fails."""
 
     @property
     def query(self) -> str | None:
         return self.start.query
+
+    @property
+    def usage_limits(self) -> UsageLimits:
+        return UsageLimits(
+            request_limit=settings.AGENT_MAX_REQUESTS,
+            tool_calls_limit=settings.AGENT_MAX_TOOL_CALLS,
+            output_tokens_limit=settings.AGENT_MAX_OUTPUT_TOKENS,
+        )
 
     @property
     def turn(self) -> Turn:
@@ -86,6 +101,7 @@ def question(*, user_id: uuid.UUID, thread_id: uuid.UUID, query: str) -> Take:
     """Taking the thread for a new question: the question saved with the answer the run will fill."""
 
     def take(label: str) -> RunStart:
+        budget_check(user_id=user_id, daily_tokens=settings.USER_DAILY_TOKENS, now=timezone.now())
         return run_begin(
             thread_id=thread_id,
             user_id=user_id,
@@ -103,6 +119,7 @@ def decision(*, user_id: uuid.UUID, thread_id: uuid.UUID, approval_id: uuid.UUID
     """Taking the thread for an answer that goes on after the customer's decision (see `approval_decide`)."""
 
     def take(label: str) -> RunStart | None:
+        budget_check(user_id=user_id, daily_tokens=settings.USER_DAILY_TOKENS, now=timezone.now())
         return approval_decide(
             thread_id=thread_id,
             user_id=user_id,
@@ -157,7 +174,9 @@ async def until_stopped(run: Run, model_call: Coroutine[object, object, R]) -> R
 
     async def in_turn() -> R:
         async with model_turns().turn():
-            return await model_call
+            with capture_run_messages() as said:
+                run.said = said
+                return await model_call
 
     task = asyncio.ensure_future(in_turn())
     run.local.on_stop = task.cancel
@@ -171,9 +190,37 @@ async def until_stopped(run: Run, model_call: Coroutine[object, object, R]) -> R
             model_call.close()  # stopped before its turn came: never started, and never to be
 
 
+@dataclass(frozen=True)
+class Spent:
+    """What a run's model requests used."""
+
+    usage: RunUsage
+    cost: Decimal | None
+    """Estimated, in USD (genai-prices, through pydantic-ai); None when the price of a model that answered is
+    unknown, as the demo model's is."""
+
+
+def spent(run: Run, usage: RunUsage | None = None) -> Spent:
+    """What the run used, from the messages it added (a run that failed or was cancelled too); `usage`, pydantic-ai's
+    own count of a run that finished, when there is one."""
+    own = [message for message in run.said if message.run_id == run.agent_run_id]
+    responses = [message for message in own if isinstance(message, ModelResponse)]
+    if usage is None:
+        usage = RunUsage(requests=len(responses))
+        for response in responses:
+            usage.incr(response.usage)
+        usage.tool_calls = sum(
+            isinstance(part, ToolReturnPart) and part.tool_name not in run.spec.output_tools
+            for message in own
+            if isinstance(message, ModelRequest)
+            for part in message.parts
+        )
+    costs = [response.usage.cost for response in responses]
+    return Spent(usage, None if None in costs else sum(costs, Decimal(0)))
+
+
 def usage_metadata(usage: RunUsage, before: JSON = None) -> dict[str, JSON]:
-    """The run's usage, added to `before`: what the answer used before it stopped for approval. `cost` is
-    genai-prices' estimate in USD, a decimal string, or None when the model's price is unknown."""
+    """The run's usage, added to `before`: what the answer used before it stopped for approval."""
     counts: dict[str, JSON] = {
         "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens,
@@ -181,14 +228,18 @@ def usage_metadata(usage: RunUsage, before: JSON = None) -> dict[str, JSON]:
         "requests": usage.requests,
         "tool_calls": usage.tool_calls,
     }
-    cost = usage.cost
     if isinstance(before, dict):
         counts = {name: value + before.get(name, 0) for name, value in counts.items()}  # type: ignore[operator]
-        earlier = before.get("cost")
-        if isinstance(earlier, str):
-            cost = (cost or 0) + Decimal(earlier)
-    # Fixed-point: a decimal's own str may be in exponent notation ("7.5E-7").
-    return {**counts, "cost": None if cost is None else format(cost, "f")}
+    return counts
+
+
+def cost_metadata(cost: Decimal | None, before: JSONObject) -> str | None:
+    """The answer's estimated cost in USD as a decimal string, added to what it cost before it stopped for approval;
+    None when any of it is unknown."""
+    earlier = before.get("cost") if "usage" in before else "0"
+    if cost is None or not isinstance(earlier, str):
+        return None
+    return f"{cost + Decimal(earlier):f}"
 
 
 async def close_run(
@@ -201,12 +252,21 @@ async def close_run(
     model_messages: list[ModelMessage] | None = None,
     approvals: list[PendingCall] | None = None,
     events_seq: int = 0,
+    used: Spent | None = None,
     **metadata: JSON,
 ) -> None:
     """Save the run's answer (with what it said before, if it went on after an approval), or the answer stopped to
-    wait for `approvals`, retrying after a transient database error. Raises NotFound (the thread was deleted
-    meanwhile) or RunInterrupted (another run took the lapsed lease over): the answer is then discarded."""
+    wait for `approvals`, retrying after a transient database error; what the run `used` goes in its metadata and to
+    its user's day. Raises NotFound (the thread was deleted meanwhile) or RunInterrupted (another run took the lapsed
+    lease over): the answer is then discarded."""
     message = run.start.assistant_message
+    spending = None
+    if used is not None:
+        metadata["usage"] = usage_metadata(used.usage, message.metadata.get("usage"))
+        metadata["cost"] = cost_metadata(used.cost, message.metadata)
+        if used.usage.requests:
+            tokens = used.usage.input_tokens, used.usage.output_tokens
+            spending = Spending(run.start.thread.user_id, *tokens, used.cost)
     message.status, message.content = status, content
     message.output = output if run.spec.structured else None
     timing = {"duration_ms": _elapsed_ms(run)}
@@ -227,6 +287,7 @@ async def close_run(
         tool_calls=message.tool_calls,
         approvals=approvals,
         events_seq=events_seq,
+        spending=spending,
     )
     if not saved:
         stored = await db(run_answer_state)(message_id=message.pk)

@@ -100,6 +100,8 @@ async def stream_answer(run: Run, progress: Progress, broadcast: Broadcast) -> A
         deps=start.deps,
         model=run.model,
         capabilities=[progress.tools],
+        usage_limits=run.usage_limits,
+        run_id=run.agent_run_id,
     ) as it:
         async for node in it:
             if Agent.is_model_request_node(node):

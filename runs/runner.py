@@ -19,10 +19,11 @@ from datetime import timedelta
 from django.conf import settings
 from django.utils import timezone
 from pydantic_ai.agent import AgentRunResult
+from pydantic_ai.messages import ModelResponse
 from pydantic_ai.tools import DeferredToolRequests
 from rest_framework.exceptions import APIException
 
-from agents.llm import model_failure
+from agents.llm import answered_by, model_failure
 from agents.summary import summary_shown
 from bankagent import context, telemetry
 from bankagent.db import db, serve_outside_requests
@@ -34,7 +35,6 @@ from bankagent.exceptions import (
     RunInterrupted,
     as_application_error,
 )
-from bankagent.jsontypes import JSON
 from bankagent.metrics import record_run_ended, record_run_started, record_tokens
 from runs.approvals import approvals_lapse
 from runs.broadcast import Broadcast
@@ -42,6 +42,7 @@ from runs.events import Backlog, error_event
 from runs.keeper import Progress
 from runs.lease import (
     Run,
+    Spent,
     Take,
     Turn,
     approval_shape,
@@ -57,8 +58,8 @@ from runs.lease import (
     open_run,
     question,
     release,
+    spent,
     until_stopped,
-    usage_metadata,
 )
 from runs.services import PendingCall, RunStart
 from runs.summaries import summary_after_answer
@@ -220,6 +221,7 @@ async def execute(run: Run, broadcast: Broadcast, answer: ModelStep) -> APIExcep
                 status=Message.Status.INCOMPLETE,
                 content=progress.text,
                 output=progress.output,
+                used=spent(run),
                 cancelled=True,
             )
         except Exception as exc:
@@ -230,13 +232,14 @@ async def execute(run: Run, broadcast: Broadcast, answer: ModelStep) -> APIExcep
                 status=Message.Status.FAILED,
                 content=progress.text,
                 output=None,
+                used=spent(run),
                 error=error_info(failure),
             )
         else:
-            record_tokens(run, result.usage)
-            usage = usage_metadata(result.usage, run.start.assistant_message.metadata.get("usage"))
+            used = spent(run, result.usage)
+            record_tokens(run, used.usage)
             if isinstance(result.output, DeferredToolRequests):
-                await _stop_for_approval(run, progress, broadcast, result, usage)
+                await _stop_for_approval(run, progress, broadcast, result, used)
             else:
                 await close_run(
                     run,
@@ -245,7 +248,8 @@ async def execute(run: Run, broadcast: Broadcast, answer: ModelStep) -> APIExcep
                     content=final_content(run, result.output),
                     output=result.output,
                     model_messages=result.new_messages(),
-                    usage=usage,
+                    used=used,
+                    model=answered_by(run.model, _last_response(result)),
                 )
                 summary_after_answer(thread_id=run.start.thread.pk, answer_seq=run.start.assistant_message.seq)
         if failure is None:
@@ -268,8 +272,12 @@ async def execute(run: Run, broadcast: Broadcast, answer: ModelStep) -> APIExcep
     return failure
 
 
+def _last_response(result: AgentRunResult[object]) -> ModelResponse | None:
+    return next((m for m in reversed(result.new_messages()) if isinstance(m, ModelResponse)), None)
+
+
 async def _stop_for_approval(
-    run: Run, progress: Progress, broadcast: Broadcast, result: AgentRunResult[object], usage: JSON
+    run: Run, progress: Progress, broadcast: Broadcast, result: AgentRunResult[object], used: Spent
 ) -> None:
     """Save the answer waiting for the customer's approval of the tool calls the model made, then say so: an
     `approval_required` event for each (before `message_complete` and `done`)."""
@@ -292,7 +300,8 @@ async def _stop_for_approval(
         approvals=calls,
         # The seq of the last event it will have sent: one a call, message_complete and done.
         events_seq=broadcast.seq + len(calls) + 2,
-        usage=usage,
+        used=used,
+        model=answered_by(run.model, _last_response(result)),
     )
     for call in calls:
         broadcast.emit({"event": "approval_required", "approval": approval_shape(call)})
@@ -343,4 +352,6 @@ async def _answer_whole(run: Run, progress: Progress, broadcast: Broadcast) -> A
         deps=start.deps,
         model=run.model,
         capabilities=[progress.tools],
+        usage_limits=run.usage_limits,
+        run_id=run.agent_run_id,
     )

@@ -17,6 +17,7 @@ from pydantic_ai.tools import DeferredToolResults
 from bankagent.exceptions import ApprovalLapsed, ApprovalPending, NotFound, ThreadBusy
 from bankagent.jsontypes import JSON, JSONObject
 from runs.selectors import Running, approval_wait, thread_state
+from runs.spending import Spending, usage_count
 from threads.models import ONE_RUN_PER_THREAD, Approval, Message, Thread
 
 INTERRUPTED: JSONObject = {
@@ -174,10 +175,12 @@ def run_finish(
     tool_calls: list[JSON] | None = None,
     approvals: list[PendingCall] | None = None,
     events_seq: int = 0,
+    spending: Spending | None = None,
 ) -> bool:
     """Fill the assistant message of a finished run (complete, cancelled or failed), or of one stopped to wait for
     the customer's approval of `approvals` (and save those, with the seq of the answer's last event); this releases
-    the thread, or leaves it to the answer waiting.
+    the thread, or leaves it to the answer waiting. What the run used (`spending`) is counted to its user's day with
+    it, once.
 
     False when the run no longer held its message: it was interrupted meanwhile, or its thread deleted.
     """
@@ -191,11 +194,13 @@ def run_finish(
         "tool_calls": tool_calls or [],
         "lease_expires_at": None,
     }
-    if not approvals:
+    if not approvals and spending is None:
         return bool(update(**fields))
     with transaction.atomic():
         if not update(**fields):
             return False
+        if spending is not None:
+            usage_count(spending, now=timezone.now())
         Approval.objects.bulk_create(
             Approval(
                 id=call.id,
@@ -206,7 +211,7 @@ def run_finish(
                 expires_at=call.expires_at,
                 events_seq=events_seq,
             )
-            for call in approvals
+            for call in approvals or []
         )
     return True
 

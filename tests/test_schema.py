@@ -24,6 +24,7 @@ OPERATIONS = {
     "run_events": ("get", "/api/v1/threads/{id}/runs/{message_id}/events"),
     "approval_decide": ("post", "/api/v1/threads/{id}/approvals/{approval_id}"),
     "ws_ticket_create": ("post", "/api/v1/ws-tickets"),
+    "usage_retrieve": ("get", "/api/v1/usage"),
     "health": ("get", "/api/v1/health"),
 }
 CALL = {"400": {"bad_host", "invalid_user_id"}, "401": {"not_authenticated", "authentication_failed"}}
@@ -39,6 +40,7 @@ RUN_START = {
     "404": {"not_found"},
     "409": {"thread_busy"},
     "422": {"query_too_long"},
+    "429": {"budget_exceeded"},
     "503": {"overloaded", "model_not_configured"},
 }
 EXPECTED_ERRORS = {
@@ -55,7 +57,8 @@ EXPECTED_ERRORS = {
         BODY,
         CSRF,
         RUN_START,
-        {"502": {"model_error"}, "503": {"model_unavailable", "run_interrupted"}, "504": {"model_timeout"}},
+        {"422": {"usage_limit_reached"}, "502": {"model_error"}, "504": {"model_timeout"}},
+        {"503": {"model_unavailable", "run_interrupted"}},
     ],
     "agent_stream": [CALL, BODY, CSRF, RUN_START],
     "approval_decide": [
@@ -63,7 +66,7 @@ EXPECTED_ERRORS = {
         BODY,
         CSRF,
         {"400": {"invalid_text"}, "404": {"not_found"}, "409": {"approval_decided"}, "410": {"approval_expired"}},
-        {"502": {"model_error"}, "504": {"model_timeout"}},
+        {"422": {"usage_limit_reached"}, "429": {"budget_exceeded"}, "502": {"model_error"}, "504": {"model_timeout"}},
         {"503": {"overloaded", "model_not_configured", "model_unavailable", "run_interrupted"}},
     ],
     "run_events": [
@@ -71,6 +74,7 @@ EXPECTED_ERRORS = {
         {"400": {"invalid_resume"}, "404": {"not_found"}, "410": {"resume_expired"}, "503": {"service_unavailable"}},
     ],
     "ws_ticket_create": [CALL, BODY, {"404": {"not_found"}, "503": {"service_unavailable"}}],
+    "usage_retrieve": [CALL],
     "health": [{"400": {"bad_host"}}],
 }
 STREAM_EVENT_NAMES = {
@@ -187,7 +191,7 @@ def test_every_operation_documents_the_errors_it_can_answer(operations, operatio
         for status, codes in group.items():
             expected[status] = expected.get(status, set()) | codes
     if operation_id != "health":
-        expected["429"] = {"throttled"}
+        expected["429"] = expected.get("429", set()) | {"throttled"}
         expected["503"] = expected.get("503", set()) | {"database_busy"}
     responses = operations[operation_id]["responses"]
     errors = {status: response for status, response in responses.items() if status >= "400"}

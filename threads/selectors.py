@@ -254,7 +254,7 @@ class TranscriptEntry:
     @property
     def cost(self) -> Decimal | None:
         """The answer's estimated price in USD; None when unknown (a model genai-prices has no price for)."""
-        cost = self._usage.get("cost")
+        cost = self._metadata.get("cost")
         if not isinstance(cost, str):
             return None
         try:
