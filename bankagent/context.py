@@ -9,6 +9,8 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Literal
 
 from bankagent.middleware import ASGIApp, Receive, Scope, Send
 
@@ -22,6 +24,33 @@ thread_id: ContextVar[str | None] = ContextVar("thread_id", default=None)
 run_id: ContextVar[str | None] = ContextVar("run_id", default=None)
 
 FIELDS = {"request_id": request_id, "user_id": user_id, "thread_id": thread_id, "run_id": run_id}
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who acts, as audit records name them. Never a secret: an API key is named by its prefix alone."""
+
+    kind: Literal["api_key", "login", "staff", "command", "system", "anonymous"]
+    name: str
+    """The API key's prefix, the login's username, or the command or process acting on its own."""
+    user_id: str | None = None
+    """The end user a request acts for."""
+    login_id: int | None = None
+    """The Django login's primary key (a chat page user, a staff user)."""
+
+
+actor: ContextVar[Actor | None] = ContextVar("actor", default=None)
+"""Set once a request's credentials are known (identity.authentication); the audit trail reads it."""
+
+
+@contextmanager
+def acting(who: Actor) -> Iterator[None]:
+    """Acts as `who` for the block (a management command, a process's own work)."""
+    token = actor.set(who)
+    try:
+        yield
+    finally:
+        actor.reset(token)
 
 
 def current() -> dict[str, str]:
