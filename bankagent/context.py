@@ -9,6 +9,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Literal
 
 from django.core.signals import request_finished
 
@@ -27,6 +29,33 @@ FIELDS = {"request_id": request_id, "user_id": user_id, "thread_id": thread_id, 
 
 on_bind: Callable[[dict[str, str]], None] | None = None
 """Told the values each `bind` and `bound` sets (tracing sets them on the current span); None: nobody listens."""
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who acts, as audit records name them. Never a secret: an API key is named by its prefix alone."""
+
+    kind: Literal["api_key", "login", "staff", "command", "system", "anonymous"]
+    name: str
+    """The API key's prefix, the login's username, or the command or process acting on its own."""
+    user_id: str | None = None
+    """The end user a request acts for."""
+    login_id: int | None = None
+    """The Django login's primary key (a chat page user, a staff user)."""
+
+
+actor: ContextVar[Actor | None] = ContextVar("actor", default=None)
+"""Set once a request's credentials are known (identity.authentication); the audit trail reads it."""
+
+
+@contextmanager
+def acting(who: Actor) -> Iterator[None]:
+    """Acts as `who` for the block (a management command, a process's own work)."""
+    token = actor.set(who)
+    try:
+        yield
+    finally:
+        actor.reset(token)
 
 
 def current() -> dict[str, str]:

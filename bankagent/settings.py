@@ -89,6 +89,8 @@ INSTALLED_APPS = [
     "agents",
     "runs",
     "chat",
+    "auditlog",
+    "audit",
 ]
 
 # Django's middleware, in variants that run on the event loop (see bankagent.middleware), and servestatic's
@@ -104,6 +106,7 @@ MIDDLEWARE = [
     "bankagent.middleware.AuthenticationMiddleware",
     "bankagent.middleware.MessageMiddleware",
     "bankagent.middleware.XFrameOptionsMiddleware",
+    "audit.middleware.AuditRequestMiddleware",
 ]
 
 ROOT_URLCONF = "bankagent.urls"
@@ -197,6 +200,12 @@ STORAGES = {
         else "servestatic.storage.CompressedManifestStaticFilesStorage"
     },
 }
+
+# The audit trail (README, "Audit trail"; the models it records: audit.apps): auditlog's table, with the request id as
+# each record's correlation id and the changes as JSON.
+AUDITLOG_MASK_CALLABLE = "audit.trail.hidden"
+AUDITLOG_STORE_JSON_CHANGES = True
+AUDITLOG_CID_GETTER = "audit.trail.request_id"
 
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat"

@@ -24,6 +24,7 @@ from rest_framework import exceptions as drf
 from rest_framework.authentication import BaseAuthentication, SessionAuthentication
 from rest_framework.request import Request
 
+from bankagent import context
 from bankagent.db import db
 from bankagent.exceptions import AuthenticationFailed, CsrfFailed, InvalidUserId
 from identity.models import APIKey, Profile
@@ -43,6 +44,18 @@ class Principal:
     events: str = "standard"
     """The event dialect of the key's streams (`APIKey.Events`); a signed-in user gets the standard one."""
     is_authenticated: bool = True
+
+
+def act_as(principal: Principal, login: AbstractBaseUser | None = None) -> None:
+    """Name who acts for the rest of the request or socket, for the audit trail: a key by its prefix alone."""
+    if principal.api_key_id is not None:
+        prefix = principal.api_key_id.partition(".")[0]  # a key's id is its prefix, a dot and its hash
+        who = context.Actor(kind="api_key", name=prefix, user_id=str(principal.user_id))
+    elif login is not None:
+        who = context.Actor(kind="login", name=login.get_username(), user_id=str(principal.user_id), login_id=login.pk)
+    else:
+        return
+    context.actor.set(who)
 
 
 def parse_user_id(raw: str | None) -> uuid.UUID:
@@ -158,7 +171,9 @@ class APIKeyAuthentication(BaseAuthentication):
         if grant is None:
             raise AuthenticationFailed()
         user_id = parse_user_id(request.headers.get("X-User-ID"))
-        return Principal(user_id=user_id, api_key_id=grant.key_id, events=grant.events), grant
+        principal = Principal(user_id=user_id, api_key_id=grant.key_id, events=grant.events)
+        act_as(principal)
+        return principal, grant
 
     def authenticate_header(self, request: Request) -> str:
         return "X-API-Key"
@@ -172,7 +187,9 @@ class SessionUserAuthentication(SessionAuthentication):
         if not _signed_in(user):
             return None
         self.enforce_csrf(request)  # before the profile lookup, which may write: a refused request writes nothing
-        return Principal(user_id=profile_user_id(user=user)), None
+        principal = Principal(user_id=profile_user_id(user=user))
+        act_as(principal, user)
+        return principal, None
 
     def enforce_csrf(self, request: Request) -> None:
         try:
@@ -372,10 +389,16 @@ async def authenticate_socket(scope: SocketScope, thread_id: uuid.UUID) -> Socke
     headers = {name.decode("latin1").lower(): value.decode("latin1") for name, value in scope.get("headers", [])}
     tickets = parse_qs(scope.get("query_string", b"").decode("latin1")).get("ticket")
     if tickets:
-        return await _by_ticket(tickets[0], thread_id)
-    if "x-api-key" in headers:
-        return await _by_key(headers)
-    return await db(_by_session)(scope, time.monotonic())  # the user was read as the handshake began
+        credentials = await _by_ticket(tickets[0], thread_id)
+    elif "x-api-key" in headers:
+        credentials = await _by_key(headers)
+    else:
+        credentials = await db(_by_session)(scope, time.monotonic())  # the user was read as the handshake began
+    if credentials is not None:
+        # Set in the socket's own task: every frame it acts on, and every run it starts, acts as it.
+        login = scope.get("user") if isinstance(credentials.credential, SessionCredential) else None
+        act_as(credentials.principal, login if _signed_in(login) else None)
+    return credentials
 
 
 async def _by_ticket(raw: str, thread_id: uuid.UUID) -> SocketCredentials | None:

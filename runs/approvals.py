@@ -14,6 +14,8 @@ from django.utils import timezone
 from pydantic_ai.messages import ModelMessagesTypeAdapter
 from pydantic_ai.tools import DeferredToolResults, ToolDenied
 
+from audit.trail import record
+from bankagent.context import Actor
 from bankagent.exceptions import ApprovalDecided, ApprovalExpired, NotFound
 from runs.selectors import thread_state
 from runs.services import RunStart
@@ -21,6 +23,7 @@ from threads.models import Approval, Message, Thread
 
 DENIED = "The customer declined: this was not done."
 EXPIRED = "The customer did not answer in time: this was not done."
+EXPIRY = Actor(kind="system", name="approval expiry")
 
 
 @transaction.atomic
@@ -54,6 +57,8 @@ def approval_decide(
     )
     if not decided:
         raise ApprovalDecided()
+    approval.status, approval.decided_at = status, now
+    record(approval, f"approval.{status}", {"status": (Approval.Status.PENDING, status), "decided_at": (None, now)})
     return _go_on(thread, approval.message_id, now, status, lease_seconds, history_turns, deps_for)
 
 
@@ -72,9 +77,15 @@ def approvals_lapse(
     if thread_id is None:
         return None
     thread = _locked(thread_id, None)
-    Approval.objects.filter(message_id=message_id, status=Approval.Status.PENDING, expires_at__lte=now).update(
+    # Read, then written, under the thread's lock, which every decision takes first: none is decided in between.
+    lapsed = list(Approval.objects.filter(message_id=message_id, status=Approval.Status.PENDING, expires_at__lte=now))
+    Approval.objects.filter(pk__in=[approval.pk for approval in lapsed], status=Approval.Status.PENDING).update(
         status=Approval.Status.EXPIRED, decided_at=now
     )
+    for approval in lapsed:
+        approval.status, approval.decided_at = Approval.Status.EXPIRED, now
+        changes = {"status": (Approval.Status.PENDING, Approval.Status.EXPIRED), "decided_at": (None, now)}
+        record(approval, "approval.expired", changes, actor=EXPIRY)
     return _go_on(thread, message_id, now, Approval.Status.EXPIRED, lease_seconds, history_turns, deps_for)
 
 

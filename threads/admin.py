@@ -1,5 +1,6 @@
 import json
 
+from auditlog.models import LogEntry
 from django.contrib import admin
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
@@ -9,6 +10,8 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
 from django.utils.html import format_html
 
+from audit.admin import AuditTrailMixin
+from audit.selectors import records_for_thread
 from bankagent.jsontypes import JSON
 from threads.models import Approval, Message, Thread
 from threads.selectors import (
@@ -89,7 +92,7 @@ class CardBlockedFilter(admin.SimpleListFilter):
 
 
 @admin.register(Thread)
-class ThreadAdmin(admin.ModelAdmin):
+class ThreadAdmin(AuditTrailMixin, admin.ModelAdmin):
     """The review desk: conversations listed with what flags them, each read as a transcript."""
 
     list_display = [
@@ -106,6 +109,9 @@ class ThreadAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Thread]:
         return threads_for_review(super().get_queryset(request))
+
+    def audit_records(self, thread: Thread) -> QuerySet[LogEntry]:
+        return records_for_thread(thread)
 
     @admin.display(description="messages", ordering="message_count")
     def messages(self, thread: Thread) -> int:

@@ -1,7 +1,10 @@
 """Writes: every change a client makes to its threads goes through these functions (runs write through
-`runs.services`)."""
+`runs.services`). Each is one transaction with its audit record (auditlog records Thread's changes): both are saved,
+or neither."""
 
 import uuid
+
+from django.db import transaction
 
 from bankagent.jsontypes import JSONObject
 from threads.models import Thread
@@ -14,12 +17,14 @@ class _Unset:
 UNSET = _Unset()
 
 
+@transaction.atomic
 def thread_create(
     *, user_id: uuid.UUID, agent_type: str, title: str | None = None, metadata: JSONObject | None = None
 ) -> Thread:
     return Thread.objects.create(user_id=user_id, agent_type=agent_type, title=title, metadata=metadata or {})
 
 
+@transaction.atomic
 def thread_update(
     *, thread: Thread, title: str | _Unset | None = UNSET, metadata: JSONObject | _Unset = UNSET
 ) -> Thread:
@@ -36,5 +41,6 @@ def thread_update(
     return thread
 
 
+@transaction.atomic
 def thread_delete(*, thread: Thread) -> None:
     thread.delete()

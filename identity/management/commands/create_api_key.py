@@ -1,9 +1,11 @@
 from datetime import timedelta
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from bankagent.context import Actor, acting
 from identity.models import APIKey
 
 
@@ -35,7 +37,9 @@ class Command(BaseCommand):
             self.stdout.write(f"An API key named {name!r} exists already; its key was printed when it was created.")
             return
         expiry = timezone.now() + timedelta(days=expires_in_days) if expires_in_days else None
-        _, key = APIKey.objects.create_key(name=name, expiry_date=expiry, events=events)
+        # The key and its audit record are saved together, or neither is.
+        with acting(Actor(kind="command", name="create_api_key")), transaction.atomic():
+            _, key = APIKey.objects.create_key(name=name, expiry_date=expiry, events=events)
         self.stdout.write(
             f"Created API key {name!r}"
             + (f", expiring {expiry:%Y-%m-%d %H:%M} UTC" if expiry else "")
