@@ -1,6 +1,7 @@
 """Resuming a run: a reader that missed some of a run's events gets them from the run's log, then the live ones,
 each `seq` once and in order, whichever process runs it."""
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
@@ -9,10 +10,14 @@ from dataclasses import dataclass
 from bankagent.db import db
 from bankagent.exceptions import InvalidResume, NotFound, ResumeExpired
 from runs.eventlog import events_since
-from runs.events import Backlog, BacklogFull, Event
+from runs.events import Backlog, BacklogFull, Event, error_event
 from runs.hub import hub
 from runs.selectors import run_answer_status
 from threads.models import Message
+
+SETTLE_SECONDS = 2.0
+"""How long a reader of a run that is saved, but whose log lacks its end, waits for its last events: the process that
+ran it writes them to the log a moment after the save."""
 
 
 def resume_point(message_id: object, after: object) -> tuple[uuid.UUID, int]:
@@ -108,6 +113,7 @@ class RunFollower:
         self.message_id = str(message_id)
         self.backlog = backlog
         self.catchup = Catchup()
+        self.finished = False
 
     def deliver(self, events: list[Event]) -> None:
         self.hand_on(self.catchup.admit([event for event in events if event.get("message_id") == self.message_id]))
@@ -115,6 +121,14 @@ class RunFollower:
     def hand_on(self, events: list[Event]) -> None:
         with contextlib.suppress(BacklogFull):  # the reader is cut off, as a slow NDJSON reader is
             self.backlog.put_many(events)
+        if events and events[-1]["event"] == "done":
+            self.finished = True
+
+    def end_unless_finished(self) -> None:
+        """Its last events never came (the process that ran it went away): the reader reads the thread instead."""
+        if not self.finished:
+            self.hand_on([error_event(ResumeExpired(), message_id=self.message_id)])
+            self.backlog.end()
 
     async def events(self) -> AsyncIterator[list[Event]]:
         """Batches of the run's events up to its `done`; the thread is no longer watched once they end."""
@@ -143,5 +157,8 @@ async def follow(
         raise
     follower.hand_on(resumed.missed)
     if not resumed.running:
-        backlog.end()  # it had ended: what was missed is all there is
+        if follower.finished or not resumed.missed:
+            backlog.end()  # it had ended: what was missed is all there is
+        else:
+            asyncio.get_running_loop().call_later(SETTLE_SECONDS, follower.end_unless_finished)
     return follower

@@ -19,7 +19,7 @@ from django.conf import settings
 
 from bankagent.asgi import application
 from identity.models import APIKey
-from runs import eventlog, runner
+from runs import eventlog, resume, runner
 from tests.conftest import finished_turn
 from tests.test_streaming_http import HeldModel, StreamResponse, read_chunk, read_to_end
 from threads.models import Message, Thread
@@ -345,6 +345,40 @@ async def test_http_resume_of_an_ended_run_replays_it_and_from_its_last_event_se
     assert_each_once(whole.events())
     assert text_of(whole.events()) == text_of(live) and whole.events()[-2:] == live[-2:]
     assert (nothing.status, nothing.body) == (200, b"")
+
+
+async def test_http_resume_of_a_saved_run_whose_log_lacks_its_end_waits_for_it_then_says_expired(
+    thread, key, held, monkeypatch
+):
+    """The process that ran it writes its last events to the log a moment after the save; if it went away
+    meanwhile, they never come."""
+    monkeypatch.setattr(resume, "SETTLE_SECONDS", 0.01)
+    held.release_all()
+    asker = await opened(thread, key)
+    await asker.send_json_to({"type": "query", "query": "Tell me a story"})
+    live = await until(asker, ended)
+    await asker.disconnect()
+    message_id = live[0]["message_id"]
+    cut = live[-2]["seq"]  # message_complete and done not logged
+    kept = eventlog.local_log.runs[message_id].events
+    while kept and kept[-1]["seq"] >= cut:
+        kept.pop()
+    if settings.REDIS_URL:
+        async with asyncio.timeout(TIMEOUT):  # the run's publisher logs its last batch after the socket had it
+            while await sync_to_async(eventlog.last_seq)(message_id) != live[-1]["seq"]:
+                await asyncio.sleep(0.01)
+        stream = redis.Redis.from_url(settings.REDIS_URL)
+        entries = await sync_to_async(stream.xrange)(f"bankagent:run-events:{message_id}")
+        late = [entry for entry, fields in entries if json.loads(fields[b"e"])["seq"] >= cut]
+        await sync_to_async(stream.xdel)(f"bankagent:run-events:{message_id}", *late)
+
+    followed = await get_events(thread, key, message_id, "after=1")
+    await read_to_end(followed.communicator, followed)
+
+    events = followed.events()
+    assert followed.status == 200
+    assert [event["seq"] for event in events[:-1]] == [event["seq"] for event in live if 1 < event["seq"] < cut]
+    assert (events[-1]["event"], events[-1]["error_type"]) == ("error", "resume_expired")
 
 
 @pytest.mark.parametrize(
