@@ -11,7 +11,7 @@ from unittest import mock
 import pytest
 from asgiref.sync import sync_to_async
 from auditlog.models import LogEntry
-from channels.testing import ApplicationCommunicator, WebsocketCommunicator
+from channels.testing import WebsocketCommunicator
 from django.contrib import admin
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
@@ -27,6 +27,7 @@ from bankagent.asgi import application
 from identity.models import APIKey
 from identity.services import login_ensure
 from runs import runner
+from tests.asgi import http_call
 from tests.conftest import finished_turn
 from threads import services
 from threads.admin import ThreadAdmin
@@ -65,37 +66,9 @@ def created_key(transactional_db) -> tuple[APIKey, str]:
 async def call(
     method: str, path: str, key: str, user_id: uuid.UUID, body: dict | None = None, *, request_id: str
 ) -> tuple[int, dict | None]:
-    raw = json.dumps(body).encode() if body is not None else b""
-    headers = [
-        (b"host", b"localhost"),
-        (b"content-type", b"application/json"),
-        (b"x-api-key", key.encode()),
-        (b"x-user-id", str(user_id).encode()),
-        (b"x-request-id", request_id.encode()),
-    ]
-    scope = {
-        "type": "http",
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": headers,
-        "client": ("127.0.0.1", 40000),
-        "server": ("localhost", 80),
-    }
-    app = ApplicationCommunicator(application, scope)
-    await app.send_input({"type": "http.request", "body": raw})
-    start = await app.receive_output(timeout=TIMEOUT)
-    chunks = []
-    while True:
-        message = await app.receive_output(timeout=TIMEOUT)
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    content = b"".join(chunks)
-    return start["status"], json.loads(content) if content else None
+    headers = {"x-api-key": key, "x-user-id": str(user_id), "x-request-id": request_id}
+    reply = await http_call(method, path, headers, body)
+    return reply.status, reply.json()
 
 
 @pytest.fixture

@@ -9,50 +9,36 @@ from channels.testing import ApplicationCommunicator
 from bankagent import context
 from bankagent.asgi import application
 from identity.models import APIKey
+from tests.asgi import http_call
 from threads.models import Thread
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-async def health(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
-    scope = {
-        "type": "http",
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/api/v1/health",
-        "raw_path": b"/api/v1/health",
-        "query_string": b"",
-        "headers": [(b"host", b"localhost"), *headers],
-        "client": ("127.0.0.1", 5000),
-        "server": ("localhost", 80),
-    }
-    app = ApplicationCommunicator(application, scope)
-    await app.send_input({"type": "http.request", "body": b""})
-    start = await app.receive_output(timeout=10)
-    await app.receive_output(timeout=10)
-    assert start["status"] == 200
-    return dict(start["headers"])
+async def health(headers: dict[str, str]) -> dict[str, str]:
+    reply = await http_call("GET", "/api/v1/health", headers)
+    assert reply.status == 200
+    return reply.headers
 
 
 @pytest.mark.parametrize(
     ("given", "kept"),
     [
-        (b"req-42.a:b_c", True),
-        (b"with space", False),
-        (b"x" * 65, False),
-        (b"caf\xc3\xa9", False),
+        ("req-42.a:b_c", True),
+        ("with space", False),
+        ("x" * 65, False),
+        ("café", False),
     ],
 )
 async def test_a_request_says_its_id_the_callers_when_plain(given, kept):
-    said = (await health([(b"x-request-id", given)]))[b"x-request-id"]
+    said = (await health({"x-request-id": given}))["x-request-id"]
     assert (said == given) is kept
     if not kept:
-        assert re.fullmatch(rb"[0-9a-f]{32}", said)
+        assert re.fullmatch(r"[0-9a-f]{32}", said)
 
 
 async def test_requests_without_an_id_get_a_new_one_each():
-    first, second = (await health([]))[b"x-request-id"], (await health([]))[b"x-request-id"]
+    first, second = (await health({}))["x-request-id"], (await health({}))["x-request-id"]
     assert first != second
 
 
@@ -65,8 +51,8 @@ async def test_the_request_id_is_known_while_the_request_is_served_and_forgotten
         await inner(scope, receive, send)
 
     monkeypatch.setattr(application, "app", spy)
-    said = (await health([(b"x-request-id", b"abc")]))[b"x-request-id"]
-    assert seen == [{"request_id": "abc"}] and said == b"abc"
+    said = (await health({"x-request-id": "abc"}))["x-request-id"]
+    assert seen == [{"request_id": "abc"}] and said == "abc"
     assert context.current() == {}
 
 

@@ -16,10 +16,9 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import pytest
-from channels.testing import ApplicationCommunicator, WebsocketCommunicator
+from channels.testing import WebsocketCommunicator
 from django.conf import settings as django_settings
 from django.core.cache import cache
 from django.core.exceptions import ImproperlyConfigured
@@ -35,6 +34,7 @@ from bankagent.asgi import application
 from bankagent.settings import _networks
 from bankagent.throttling import PROCESS_COUNTS
 from identity.models import APIKey
+from tests.asgi import Reply, http_call
 from tests.live import TIMEOUT, LiveServer, poll, request, server_env
 from threads.models import Thread
 
@@ -60,16 +60,6 @@ def changed(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> dict:
-        return json.loads(self.body)
-
-
 async def call(
     method: str,
     path: str,
@@ -77,34 +67,9 @@ async def call(
     body: object = None,
     headers: dict[str, str] | None = None,
     client: str = "127.0.0.1",
-) -> Answer:
+) -> Reply:
     """One request through the application the server runs, read to its end (an NDJSON stream to `done`)."""
-    payload = b"" if body is None else json.dumps(body).encode()
-    sent = {"host": "localhost", "content-type": "application/json", "content-length": str(len(payload))}
-    scope = {
-        "type": "http",
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [(name.lower().encode(), value.encode()) for name, value in (sent | (headers or {})).items()],
-        "client": (client, 40000),
-        "server": ("localhost", 80),
-    }
-    communicator = ApplicationCommunicator(application, scope)
-    await communicator.send_input({"type": "http.request", "body": payload, "more_body": False})
-    start = await communicator.receive_output(timeout=TIMEOUT)
-    chunks = []
-    while True:
-        message = await communicator.receive_output(timeout=TIMEOUT)
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    await communicator.wait(timeout=TIMEOUT)
-    answer_headers = {name.decode().lower(): value.decode() for name, value in start.get("headers", [])}
-    return Answer(start["status"], answer_headers, b"".join(chunks))
+    return await http_call(method, path, headers, body, client=client)
 
 
 async def scrape() -> Samples:

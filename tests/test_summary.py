@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
-from channels.testing import ApplicationCommunicator
 from pydantic_ai.exceptions import ModelHTTPError
 from pydantic_ai.messages import (
     ModelMessage,
@@ -32,13 +31,13 @@ from pydantic_core import to_jsonable_python
 from agents import demo_script
 from agents.checks import check_summary_model
 from agents.summary import SUMMARY_PREFIX, Exchange, summary_prompt
-from bankagent.asgi import application
 from identity.models import APIKey
 from runs import runner, summaries
 from runs.lease import Turn, question
 from runs.pipeline import stream_answer
 from runs.runner import run_blocking, start_run
 from runs.summaries import summary_update
+from tests.asgi import http_call
 from threads.models import Message, Thread
 
 TIMEOUT = 20.0
@@ -413,37 +412,8 @@ class Client:
         self.key, self.user_id = key, user_id
 
     async def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        data = json.dumps(body).encode() if body is not None else b""
-        headers = [
-            (b"host", b"localhost"),
-            (b"x-api-key", self.key.encode()),
-            (b"x-user-id", str(self.user_id).encode()),
-        ]
-        if body is not None:
-            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-        scope = {
-            "type": "http",
-            "http_version": "1.1",
-            "method": method,
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "headers": headers,
-            "client": ("127.0.0.1", 40000),
-            "server": ("localhost", 80),
-        }
-        communicator = ApplicationCommunicator(application, scope)
-        await communicator.send_input({"type": "http.request", "body": data, "more_body": False})
-        start = await communicator.receive_output(timeout=TIMEOUT)
-        chunks = []
-        while True:
-            message = await communicator.receive_output(timeout=TIMEOUT)
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        await communicator.wait(timeout=TIMEOUT)
-        return start["status"], json.loads(b"".join(chunks))
+        reply = await http_call(method, path, {"x-api-key": self.key, "x-user-id": str(self.user_id)}, body)
+        return reply.status, reply.json()
 
     async def ask(self, thread_id: str, query: str) -> str:
         status, body = await self.request("POST", "/api/v1/agent/query", {"thread_id": thread_id, "query": query})

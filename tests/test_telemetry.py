@@ -31,6 +31,7 @@ from identity.models import APIKey
 from identity.tickets import ticket_issue
 from runs import runner
 from runs.hub import hub
+from tests.asgi import http_call
 from tests.live import LiveServer, request
 from threads.models import Message, Thread
 
@@ -108,37 +109,9 @@ async def post(
     app: ASGIApp, path: str, body: dict, *, api_key: str, user_id: uuid.UUID, request_id: str
 ) -> tuple[int, bytes]:
     """POST `body` as JSON; the response's status and whole body."""
-    raw = json.dumps(body).encode()
-    scope = {
-        "type": "http",
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [
-            (b"host", b"localhost"),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(raw)).encode()),
-            (b"x-api-key", api_key.encode()),
-            (b"x-user-id", str(user_id).encode()),
-            (b"x-request-id", request_id.encode()),
-        ],
-        "client": ("127.0.0.1", 40000),
-        "server": ("localhost", 80),
-    }
-    communicator = ApplicationCommunicator(app, scope)
-    await communicator.send_input({"type": "http.request", "body": raw, "more_body": False})
-    start = await communicator.receive_output(timeout=TIMEOUT)
-    chunks = []
-    while True:
-        message = await communicator.receive_output(timeout=TIMEOUT)
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            break
-    await communicator.wait(timeout=TIMEOUT)
-    return start["status"], b"".join(chunks)
+    headers = {"x-api-key": api_key, "x-user-id": str(user_id), "x-request-id": request_id}
+    reply = await http_call("POST", path, headers, body, app=app)
+    return reply.status, reply.body
 
 
 def strings_of(span: ReadableSpan) -> list[str]:
