@@ -1,5 +1,6 @@
 import asyncio
 import contextlib
+import copy
 import socket
 import threading
 import uuid
@@ -294,3 +295,15 @@ async def close_hubs(*hubs: Hub) -> None:
                     await task
         with contextlib.suppress(Exception):
             await asyncio.wait_for(hub.layer.flush(), 10)
+
+
+@pytest.fixture
+async def runs_end_with_the_test(settings, transactional_db):
+    """A channel layer of this test's event loop, leases that do not lapse while the test holds a run, and every run
+    started ended before the test's flush."""
+    settings.CHANNEL_LAYERS = copy.deepcopy(settings.CHANNEL_LAYERS)  # Channels drops its cached layers
+    settings.RUN_LEASE_SECONDS = settings.RUN_CHECKPOINT_SECONDS = 3600
+    yield
+    async with asyncio.timeout(20):
+        while runs.runner._RUNS:
+            await asyncio.sleep(0.01)

@@ -5,7 +5,6 @@ The offline demo model drives it: "I lost my card" calls the bank support agent'
 customer's approval; its answer then says what the decision did.
 """
 
-import asyncio
 import uuid
 from datetime import timedelta
 
@@ -19,18 +18,9 @@ from runs.selectors import answers_with_lapsed_approvals
 from tests.test_resume import TIMEOUT, ended, opened, until
 from threads.models import Approval, Message, Thread
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("runs_end_with_the_test")]
 
 LOST = "I lost my card"
-
-
-@pytest.fixture(autouse=True)
-async def _runs_end_with_the_test(settings, transactional_db):
-    settings.RUN_LEASE_SECONDS = settings.RUN_CHECKPOINT_SECONDS = 3600
-    yield
-    async with asyncio.timeout(TIMEOUT):
-        while runner._RUNS:
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture

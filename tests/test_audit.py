@@ -71,15 +71,6 @@ async def call(
     return reply.status, reply.json()
 
 
-@pytest.fixture
-async def _runs_end_with_the_test(settings, transactional_db):
-    settings.RUN_LEASE_SECONDS = settings.RUN_CHECKPOINT_SECONDS = 3600
-    yield
-    async with asyncio.timeout(TIMEOUT):
-        while runner._RUNS:
-            await asyncio.sleep(0.01)
-
-
 @pytest.mark.django_db(transaction=True)
 async def test_a_thread_created_renamed_and_deleted_over_the_api_is_recorded_with_the_key_and_request(
     created_key, user_id
@@ -119,7 +110,7 @@ async def test_a_request_that_changes_nothing_records_nothing(created_key, user_
     assert await LogEntry.objects.acount() == before
 
 
-@pytest.mark.usefixtures("_runs_end_with_the_test")
+@pytest.mark.usefixtures("runs_end_with_the_test")
 @pytest.mark.django_db(transaction=True)
 async def test_a_card_blocked_after_an_approval_over_rest_is_recorded_as_the_deciding_request(
     created_key, demo_customer, user_id
@@ -151,7 +142,7 @@ async def test_a_card_blocked_after_an_approval_over_rest_is_recorded_as_the_dec
     assert blocked.changes["blocked_at"][1] == str(timezone.make_naive(card.blocked_at, UTC))
 
 
-@pytest.mark.usefixtures("_runs_end_with_the_test")
+@pytest.mark.usefixtures("runs_end_with_the_test")
 @pytest.mark.django_db(transaction=True)
 async def test_a_decision_over_the_websocket_is_recorded_as_the_sockets_key_and_handshake(
     created_key, demo_customer, user_id
@@ -185,7 +176,7 @@ async def test_a_decision_over_the_websocket_is_recorded_as_the_sockets_key_and_
         assert entry.cid == "socket-7"
 
 
-@pytest.mark.usefixtures("_runs_end_with_the_test")
+@pytest.mark.usefixtures("runs_end_with_the_test")
 @pytest.mark.django_db(transaction=True)
 async def test_a_denial_and_an_expiry_are_recorded_and_block_nothing(created_key, demo_customer, user_id):
     key, raw = created_key

@@ -6,7 +6,6 @@ Whether the events come from this process's log or from Redis, each must arrive 
 """
 
 import asyncio
-import copy
 import itertools
 import json
 import uuid
@@ -19,25 +18,15 @@ from django.conf import settings
 
 from bankagent.asgi import application
 from identity.models import APIKey
-from runs import eventlog, resume, runner
+from runs import eventlog, resume
 from tests.conftest import finished_turn
 from tests.test_streaming_http import HeldModel, StreamResponse, read_chunk, read_to_end
 from threads.models import Message, Thread
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("runs_end_with_the_test")]
 
 TIMEOUT = 20.0
 WORDS = ["Once", " upon", " a", " time", " there", " was", " a", " card"]
-
-
-@pytest.fixture(autouse=True)
-async def _runs_end_with_the_test(settings, transactional_db):
-    settings.CHANNEL_LAYERS = copy.deepcopy(settings.CHANNEL_LAYERS)  # Channels drops its cached layers
-    settings.RUN_LEASE_SECONDS = settings.RUN_CHECKPOINT_SECONDS = 3600
-    yield
-    async with asyncio.timeout(TIMEOUT):
-        while runner._RUNS:
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture

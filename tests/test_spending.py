@@ -4,7 +4,6 @@ with 429 `budget_exceeded` until midnight UTC, whichever way they ask; `GET /api
 used today and this month, as their answers' metadata says."""
 
 import asyncio
-import copy
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,13 +21,12 @@ from pydantic_ai.usage import RequestUsage
 
 from bankagent.asgi import application
 from bankagent.settings import _limit
-from runs import runner
 from runs.models import DailyUsage
 from runs.spending import Spending, usage_count
 from tests.test_streaming_http import StreamClient, names, tokens
 from threads.models import Approval, Message, Thread
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("runs_end_with_the_test")]
 
 QUERY = "/api/v1/agent/query"
 USAGE = "/api/v1/usage"
@@ -38,17 +36,6 @@ MIDNIGHT = datetime(2026, 3, 15, tzinfo=UTC)
 SECONDS_TO_MIDNIGHT = 8985
 """From NOW to MIDNIGHT: 2 h 29 min 44.75 s, rounded up."""
 STORY = " ".join(f"word{index}" for index in range(40))
-
-
-@pytest.fixture(autouse=True)
-async def _runs_end_with_the_test(settings, transactional_db):
-    """A channel layer of this test's event loop; every run started has ended before the test's flush."""
-    settings.CHANNEL_LAYERS = copy.deepcopy(settings.CHANNEL_LAYERS)  # Channels drops its cached layers
-    settings.RUN_LEASE_SECONDS = settings.RUN_CHECKPOINT_SECONDS = 3600
-    yield
-    async with asyncio.timeout(TIMEOUT):
-        while runner._RUNS:
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture
