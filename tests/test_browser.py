@@ -13,6 +13,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from io import StringIO
 from itertools import pairwise
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -68,7 +69,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture(scope="module")
-def service(_browser_available, django_db_setup, tmp_path_factory) -> Iterator[LiveServer]:
+def served(_browser_available, django_db_setup, tmp_path_factory) -> tuple[dict[str, str], Path]:
+    """The environment of the live servers of this module, and their folder, with the static files collected."""
     folder = tmp_path_factory.mktemp("live")
     env = server_env(
         DJANGO_SECRET_KEY="browser-test-secret",
@@ -78,6 +80,14 @@ def service(_browser_available, django_db_setup, tmp_path_factory) -> Iterator[L
     )
     collect = [sys.executable, "manage.py", "collectstatic", "--noinput", "-v", "0"]
     subprocess.run(collect, cwd=ROOT, env=env, check=True)
+    return env, folder
+
+
+@pytest.fixture
+def service(served, transactional_db) -> Iterator[LiveServer]:
+    """A server of its own for each test: the database is emptied between tests, and the rows Django re-creates
+    then (content types, which audit records refer to) get new ids, which a server's caches would not know."""
+    env, folder = served
     server = LiveServer("granian", env, folder / "server.log")
     server.start(healthy=True)
     try:

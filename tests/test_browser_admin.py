@@ -5,7 +5,7 @@ import pytest
 from django.contrib.auth.models import User
 
 from bank.models import DEMO_USER_ID
-from tests.test_browser import OUTPUT, _browser_available, page, service  # noqa: F401
+from tests.test_browser import OUTPUT, _browser_available, page, served, service  # noqa: F401
 from threads.models import Thread
 
 try:
