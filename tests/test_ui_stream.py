@@ -2,6 +2,7 @@
 chunk read with pydantic-ai's own models of the AI SDK's chunks, on a run the service saves as it saves a query's.
 """
 
+import asyncio
 import copy
 import json
 import uuid
@@ -9,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from asgiref.sync import sync_to_async
-from channels.testing import ApplicationCommunicator
+from channels.testing import ApplicationCommunicator, WebsocketCommunicator
 from pydantic_ai.exceptions import ModelHTTPError
 from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, TextPart, UserPromptPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
@@ -21,7 +22,15 @@ from identity.models import APIKey
 from runs import runner
 from tests.ai_sdk import chunks_of
 from tests.conftest import begin_run
-from tests.test_streaming_http import TIMEOUT, RunTasks, StreamResponse, read_to_end, runs_finished
+from tests.test_streaming_http import (
+    TIMEOUT,
+    HeldModel,
+    RunTasks,
+    StreamResponse,
+    read_chunk,
+    read_to_end,
+    runs_finished,
+)
 from threads.models import Message, Thread
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -114,9 +123,14 @@ def use_chat_body(*texts: str, earlier: list[dict] | None = None) -> dict:
     return {"id": "chat-1", "trigger": "submit-message", "messages": [*(earlier or []), *new]}
 
 
-async def post_ui_stream(
+def auth(key: str, user_id: uuid.UUID) -> list[tuple[bytes, bytes]]:
+    return [(b"x-api-key", key.encode()), (b"x-user-id", str(user_id).encode())]
+
+
+async def open_ui_stream(
     thread_id: uuid.UUID, key: str, user_id: uuid.UUID, body: object, *, raw: bytes | None = None
-) -> StreamResponse:
+) -> tuple[ApplicationCommunicator, StreamResponse]:
+    """Send the request and read the response's start; the body is left to read."""
     payload = raw if raw is not None else json.dumps(body).encode()
     path = f"/api/v1/threads/{thread_id}/ui-stream"
     scope = {
@@ -131,8 +145,7 @@ async def post_ui_stream(
             (b"host", b"localhost"),
             (b"content-type", b"application/json"),
             (b"content-length", str(len(payload)).encode()),
-            (b"x-api-key", key.encode()),
-            (b"x-user-id", str(user_id).encode()),
+            *auth(key, user_id),
         ],
         "client": ("127.0.0.1", 40000),
         "server": ("localhost", 80),
@@ -141,7 +154,13 @@ async def post_ui_stream(
     await communicator.send_input({"type": "http.request", "body": payload, "more_body": False})
     start = await communicator.receive_output(timeout=TIMEOUT)
     headers = {name.decode().lower(): value.decode() for name, value in start.get("headers", [])}
-    return await read_to_end(communicator, StreamResponse(status=start["status"], headers=headers))
+    return communicator, StreamResponse(status=start["status"], headers=headers)
+
+
+async def post_ui_stream(
+    thread_id: uuid.UUID, key: str, user_id: uuid.UUID, body: object, *, raw: bytes | None = None
+) -> StreamResponse:
+    return await read_to_end(*await open_ui_stream(thread_id, key, user_id, body, raw=raw))
 
 
 @sync_to_async
@@ -252,6 +271,11 @@ async def test_a_call_waiting_for_approval_is_an_ai_sdk_approval_request_naming_
     assert chunks[-2].finish_reason == "tool-calls"
     assert chunks[-2].message_metadata == {"status": "awaiting_approval"}
 
+    again = await post_ui_stream(support_thread.pk, api_key, user_id, use_chat_body("Are you there?"))
+
+    assert again.status == 409 and again.json()["error"]["code"] == "approval_pending"
+    assert len(await messages_of(support_thread.pk)) == 2
+
 
 async def test_a_model_failing_mid_answer_ends_the_text_then_sends_the_contracts_error_and_finish(
     chat_thread, api_key, user_id, settings
@@ -273,6 +297,46 @@ async def test_a_model_failing_mid_answer_ends_the_text_then_sends_the_contracts
     assert "secret" not in response.body.decode()
     assert chunks[-2].finish_reason == "error"
     assert (answer.status, answer.content) == ("failed", text_of(chunks))
+
+
+async def test_the_threads_websocket_readers_hear_the_run_as_they_hear_a_querys(chat_thread, api_key, user_id):
+    ws = WebsocketCommunicator(
+        application, f"/ws/v1/threads/{chat_thread.pk}/", headers=[(b"host", b"localhost"), *auth(api_key, user_id)]
+    )
+    connected, _ = await ws.connect(timeout=TIMEOUT)
+    assert connected
+
+    response = await post_ui_stream(chat_thread.pk, api_key, user_id, use_chat_body("Hello from the AI SDK"))
+    events = [await ws.receive_json_from(timeout=TIMEOUT)]
+    while events[-1]["event"] != "done":
+        events.append(await ws.receive_json_from(timeout=TIMEOUT))
+    await ws.disconnect()
+
+    chunks = assert_ai_sdk_stream(response)
+    kinds = [event["event"] for event in events]
+    assert kinds[:2] == ["message_created", "message_started"] and kinds[-2:] == ["message_complete", "done"]
+    assert events[0]["message"]["content"] == "Hello from the AI SDK"
+    assert events[-2]["content"] == text_of(chunks)
+    assert events[1]["message_id"] == chunks[0].message_id
+
+
+async def test_the_answer_is_saved_whole_when_its_client_goes_away_mid_stream(chat_thread, api_key, user_id, settings):
+    held = HeldModel(["Digits", " dance", " across", " the", " ledger."], released=2)
+    settings.AGENT_MODEL = held.model()
+    communicator, response = await open_ui_stream(chat_thread.pk, api_key, user_id, use_chat_body("A poem, please"))
+    assert response.status == 200
+    async with asyncio.timeout(TIMEOUT):
+        while len(of_type(chunks_of(response.body, whole=False), "text-delta")) < 2:
+            assert await read_chunk(communicator, response), "the stream ended first"
+
+    await communicator.send_input({"type": "http.disconnect"})
+    await communicator.wait(timeout=TIMEOUT)
+
+    assert [m.status for m in await messages_of(chat_thread.pk)] == ["complete", "in_progress"]
+    held.release_all()
+    await runs_finished()
+    _, answer = await messages_of(chat_thread.pk)
+    assert (answer.status, answer.content) == ("complete", held.text)
 
 
 # --- refusals: before any stream starts, and nothing written ----------------------------------------------------------
