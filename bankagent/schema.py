@@ -378,6 +378,7 @@ def _thread_links() -> dict:
         "ListMessages": ("threads_messages", by_id, None),
         "Query": ("agent_query", same_user, in_body),
         "Stream": ("agent_stream", same_user, in_body),
+        "UIStream": ("thread_ui_stream", by_id, None),
         "IssueWebsocketTicket": ("ws_ticket_create", same_user, in_body),
     }
     return {
@@ -403,6 +404,8 @@ def complete_schema(result: dict, generator: object, request: object, public: bo
             operation["responses"] = dict(sorted(responses.items()))
             if operation["operationId"] == "threads_create":
                 responses["201"]["links"] = _thread_links()
+            if operation["operationId"] == "thread_ui_stream":
+                operation["requestBody"]["required"] = True  # a raw schema's body is optional to drf-spectacular
     return result
 
 
@@ -522,3 +525,77 @@ STREAM_EVENT_EXAMPLES = [
         start=1,
     )
 ]
+
+# The AI SDK's UI message stream (`useChat`): its request, of which the service takes only the new question, and its
+# chunks (pydantic-ai's models of them, pydantic_ai.ui.vercel_ai, say each one's fields).
+UI_STREAM_SCHEMAS = {
+    "UIMessageStreamRequest": {
+        "type": "object",
+        "description": "The AI SDK's `useChat` request. Only the new question is taken: the user messages after the "
+        "last assistant message must be exactly one, of `text` parts only (joined by line breaks, then checked as a "
+        "query's text is); else 400 `invalid_body`. The thread's saved history is what the model sees: earlier "
+        "messages and system messages are ignored.",
+        "required": ["id", "messages"],
+        "properties": {
+            "trigger": {"type": "string", "enum": ["submit-message"], "default": "submit-message"},
+            "id": {"type": "string", "description": "The client's chat id; ignored."},
+            "messages": {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/UIMessage"}},
+        },
+    },
+    "UIMessage": {
+        "type": "object",
+        "description": "A message of the AI SDK's UI: a message of another shape answers 400 `invalid_body`.",
+        "required": ["id", "role", "parts"],
+        "properties": {
+            "id": {"type": "string"},
+            "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+            "metadata": {"$ref": "#/components/schemas/JSONValue"},
+            "parts": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "description": "A part of the AI SDK's UIMessage: `text`, `reasoning`, `file`, `tool-*`, "
+                    "`dynamic-tool`, `data-*`, `source-url`, `source-document` or `step-start`, with its fields.",
+                    "required": ["type"],
+                    "properties": {"type": {"type": "string"}},
+                },
+            },
+        },
+        "additionalProperties": False,
+    },
+    "UIMessageStreamEvent": {
+        "type": "object",
+        "description": "One event of the stream.",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "type": "string",
+                "description": "A UIMessageChunk as JSON; the last event's is `[DONE]`.",
+            }
+        },
+    },
+    "UIMessageChunk": {
+        "type": "object",
+        "description": "One chunk of the AI SDK's UI message stream: `start` (`messageId`: the answer's id), "
+        "`text-start`, `text-delta`, `text-end`, `tool-input-available`, `tool-output-available`, "
+        "`tool-approval-request` (`approvalId`: the approval to decide), `data-approval`, `data-output` (a "
+        "structured answer's whole output), `error` (`errorText`: the contract's code, a colon, its message), "
+        "`finish` (`finishReason`, `messageMetadata.status`: the saved answer's status).",
+        "required": ["type"],
+        "properties": {"type": {"type": "string"}},
+    },
+}
+UI_STREAM_REQUEST_REF = {"$ref": "#/components/schemas/UIMessageStreamRequest"}
+UI_STREAM_EVENT_REF = {"$ref": "#/components/schemas/UIMessageStreamEvent"}
+UI_STREAM_EXAMPLES = [
+    OpenApiExample(
+        "Balance",
+        {
+            "trigger": "submit-message",
+            "id": "chat-1",
+            "messages": [{"id": "m-1", "role": "user", "parts": [{"type": "text", "text": _QUERY["query"]}]}],
+        },
+        request_only=True,
+    )
+]
+COMPONENTS.update(UI_STREAM_SCHEMAS)

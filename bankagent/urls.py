@@ -14,6 +14,7 @@ from threads.views import (
     ApprovalDecisionView,
     RunEventsView,
     ThreadViewSet,
+    UIStreamView,
 )
 
 router = SimpleRouter(trailing_slash=False)
@@ -26,6 +27,7 @@ api_v1 = [
     path("agent/stream", AgentStreamView.as_view(), name="agent-stream"),
     path("threads/<str:pk>/runs/<str:message_id>/events", RunEventsView.as_view(), name="run-events"),
     path("threads/<str:pk>/approvals/<str:approval_id>", ApprovalDecisionView.as_view(), name="approval-decide"),
+    path("threads/<str:pk>/ui-stream", UIStreamView.as_view(), name="ui-stream"),
     # Tickets stand in for an API key in a browser; the chat page's own socket uses its session instead.
     path(
         "ws-tickets",

@@ -23,6 +23,7 @@ OPERATIONS = {
     "agent_stream": ("post", "/api/v1/agent/stream"),
     "run_events": ("get", "/api/v1/threads/{id}/runs/{message_id}/events"),
     "approval_decide": ("post", "/api/v1/threads/{id}/approvals/{approval_id}"),
+    "thread_ui_stream": ("post", "/api/v1/threads/{id}/ui-stream"),
     "ws_ticket_create": ("post", "/api/v1/ws-tickets"),
     "usage_retrieve": ("get", "/api/v1/usage"),
     "health": ("get", "/api/v1/health"),
@@ -61,6 +62,7 @@ EXPECTED_ERRORS = {
         {"503": {"model_unavailable", "run_interrupted"}},
     ],
     "agent_stream": [CALL, BODY, CSRF, RUN_START],
+    "thread_ui_stream": [CALL, BODY, CSRF, RUN_START],
     "approval_decide": [
         CALL,
         BODY,
@@ -176,6 +178,7 @@ def test_request_bodies_are_json_only(schema, operations):
     with_body = {name for name, op in operations.items() if "requestBody" in op}
     assert with_body == {
         *("threads_create", "threads_update", "agent_query", "agent_stream", "ws_ticket_create", "approval_decide"),
+        "thread_ui_stream",
     }
     for name in with_body:
         assert list(operations[name]["requestBody"]["content"]) == ["application/json"]
@@ -329,6 +332,22 @@ def test_stream_examples_are_valid_events(schema, operations):
     assert not check.is_valid({"event": "no_such_event"})
 
 
+def test_the_ui_stream_is_server_sent_events_of_ai_sdk_chunks_for_a_use_chat_request(schema, operations):
+    operation = operations["thread_ui_stream"]
+    content = operation["responses"]["200"]["content"]
+    body = operation["requestBody"]
+    example = body["content"]["application/json"]["examples"]["Balance"]["value"]
+
+    assert list(content) == ["text/event-stream"]
+    assert component(schema, content["text/event-stream"]["schema"])["required"] == ["data"]
+    assert schema["components"]["schemas"]["UIMessageChunk"]["required"] == ["type"]
+    assert body["required"] is True
+    check = validator(schema, "#/components/schemas/UIMessageStreamRequest")
+    check.validate(example)
+    assert not check.is_valid({"id": "chat", "messages": [{"id": "m", "role": "tool", "parts": []}]})
+    assert not check.is_valid({"id": "chat", "messages": [], "trigger": "submit-message"})
+
+
 # Examples and links
 
 
@@ -356,6 +375,7 @@ def test_a_created_thread_links_to_every_operation_on_it(operations):
         "threads_messages",
         "agent_query",
         "agent_stream",
+        "thread_ui_stream",
         "ws_ticket_create",
     }
     for link in links.values():

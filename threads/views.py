@@ -41,6 +41,9 @@ from bankagent.schema import (
     STREAM_EVENT_EXAMPLES,
     STREAM_EVENT_REF,
     THREAD_CREATE_EXAMPLES,
+    UI_STREAM_EVENT_REF,
+    UI_STREAM_EXAMPLES,
+    UI_STREAM_REQUEST_REF,
     errors,
 )
 from bankagent.throttling import RUN_THROTTLES
@@ -67,6 +70,7 @@ from threads.serializers import (
     TicketRequestSerializer,
     TicketSerializer,
 )
+from threads.ui_stream import HEADERS, SPOKEN_FIELDS, ChunkTranslator, InvalidUIRequest, new_question, ui_message_stream
 
 THREAD_PAGES = KeysetPaginator(fields=["updated_at", "id"], salt="threads")
 MESSAGE_PAGES = KeysetPaginator(fields=["seq"], salt="messages", default_limit=50)
@@ -352,6 +356,46 @@ class AgentStreamView(AsyncAPIView):
         )
         assert listener is not None
         return ndjson_response(batches_ndjson(listener.batches(), Dialect(request.user.events)))
+
+
+class UIStreamView(AsyncAPIView):
+    """A streamed query in the AI SDK's UI message stream protocol (`useChat`), on the thread's own history."""
+
+    throttle_classes = RUN_THROTTLES
+
+    @extend_schema(
+        operation_id="thread_ui_stream",
+        parameters=[THREAD_ID],
+        request={"application/json": UI_STREAM_REQUEST_REF},
+        responses={
+            (200, "text/event-stream"): OpenApiResponse(
+                UI_STREAM_EVENT_REF,
+                description="Server-Sent Events, `data: <UIMessageChunk JSON>` each (`schema` describes one "
+                "event), with `x-vercel-ai-ui-message-stream: v1`, ending with `data: [DONE]`; a failure after the "
+                "first chunk is an `error` chunk, then `finish`.",
+            ),
+            **errors(*CALL_ERRORS, *BODY_ERRORS, *SESSION_WRITE_ERRORS, *RUN_START_ERRORS, InvalidUIRequest),
+        },
+        examples=UI_STREAM_EXAMPLES,
+    )
+    async def post(self, request: Request, pk: str) -> StreamingHttpResponse:
+        thread_id = selectors.parse_thread_id(pk)
+        query = new_question(request.data)
+        data = validated(AgentQuerySerializer, {"thread_id": str(thread_id), "query": query})
+        context.bind(user_id=request.user.user_id, thread_id=thread_id)
+        thread = await db(selectors.thread_get_for_user)(thread_id=thread_id, user_id=request.user.user_id)
+        spec = AGENTS[thread.agent_type]
+        listener = await start_stream(
+            user_id=request.user.user_id, thread_id=thread_id, query=data["query"], listen=True
+        )
+        assert listener is not None
+        translator = ChunkTranslator(spoken_field=SPOKEN_FIELDS.get(spec.agent_type), structured=spec.structured)
+        response = StreamingHttpResponse(
+            ui_message_stream(listener.batches(), translator), content_type="text/event-stream"
+        )
+        for name, value in HEADERS.items():
+            response[name] = value
+        return response
 
 
 class RunEventsView(AsyncAPIView):
