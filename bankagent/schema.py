@@ -16,6 +16,7 @@ from bankagent.exceptions import (
     ApplicationError,
     ApprovalDecided,
     ApprovalExpired,
+    ApprovalPending,
     AuthenticationFailed,
     BadHost,
     BudgetExceeded,
@@ -416,7 +417,10 @@ BODY_ERRORS = (MalformedJson, NotAnObject, PayloadTooLarge, UnsupportedMediaType
 """Any call with a JSON body."""
 SESSION_WRITE_ERRORS = (CsrfFailed,)
 """An unsafe call of the chat page's session without its CSRF token."""
-RUN_START_ERRORS = (InvalidText, NotFound, ThreadBusy, QueryTooLong, BudgetExceeded, Overloaded, ModelNotConfigured)
+RUN_START_ERRORS = (
+    *(InvalidText, NotFound, ThreadBusy, ApprovalPending, QueryTooLong),
+    *(BudgetExceeded, Overloaded, ModelNotConfigured),
+)
 """A run refused before anything is written."""
 RUN_ERRORS = (*RUN_START_ERRORS, UsageLimitReached, ModelError, ModelUnavailable, ModelTimeout, RunInterrupted)
 """A blocking run: its failures are HTTP errors too (a streamed run's are `error` events)."""

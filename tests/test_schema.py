@@ -39,7 +39,7 @@ CSRF = {"403": {"csrf_failed"}}
 RUN_START = {
     "400": {"invalid_text"},
     "404": {"not_found"},
-    "409": {"thread_busy"},
+    "409": {"thread_busy", "approval_pending"},
     "422": {"query_too_long"},
     "429": {"budget_exceeded"},
     "503": {"overloaded", "model_not_configured"},
