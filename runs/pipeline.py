@@ -157,11 +157,15 @@ async def start_decision(
     approved: bool,
     note: str,
     request_id: str | None = None,
-) -> None:
-    """Record the customer's decision; the answer goes on, streamed to the thread's readers, once none of its
-    approvals is pending. A decision after the approval expired raises ApprovalExpired (the answer goes on
-    regardless, the model told it expired)."""
+    listen: bool = False,
+) -> Backlog | None:
+    """Record the customer's decision; the answer goes on, streamed to the thread's readers (and to the backlog
+    returned when the caller listens), once none of its approvals is pending: None while others are. A decision
+    after the approval expired raises ApprovalExpired (the answer goes on regardless, the model told it expired)."""
     take = decision(user_id=user_id, thread_id=thread_id, approval_id=approval_id, approved=approved, note=note)
-    started = await start_run(thread_id=thread_id, take=take, answer=stream_answer, request_id=request_id)
+    started = await start_run(
+        thread_id=thread_id, take=take, answer=stream_answer, request_id=request_id, listen=listen
+    )
     if started is not None and started.decided == Approval.Status.EXPIRED:
         raise ApprovalExpired()
+    return None if started is None else started.listener

@@ -62,7 +62,7 @@ EXPECTED_ERRORS = {
         {"503": {"model_unavailable", "run_interrupted"}},
     ],
     "agent_stream": [CALL, BODY, CSRF, RUN_START],
-    "thread_ui_stream": [CALL, BODY, CSRF, RUN_START],
+    "thread_ui_stream": [CALL, BODY, CSRF, RUN_START, {"409": {"approval_decided"}, "410": {"approval_expired"}}],
     "approval_decide": [
         CALL,
         BODY,

@@ -17,6 +17,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.ui.vercel_ai.response_types import BaseChunk
 from rest_framework.test import APIClient
 
+from bank.models import Card
 from bankagent.asgi import application
 from identity.models import APIKey
 from runs import runner
@@ -275,6 +276,45 @@ async def test_a_call_waiting_for_approval_is_an_ai_sdk_approval_request_naming_
 
     assert again.status == 409 and again.json()["error"]["code"] == "approval_pending"
     assert len(await messages_of(support_thread.pk)) == 2
+
+
+def approval_reply(question: str, call: BaseChunk, approval_id: str, approved: bool) -> dict:
+    """What `useChat` sends once the customer answered the approval: the chat, ending with the answer whose tool
+    part now carries the decision."""
+    part = {
+        "type": f"tool-{call.tool_name}",
+        "toolCallId": call.tool_call_id,
+        "state": "approval-responded",
+        "input": call.input,
+        "approval": {"id": approval_id, "approved": approved},
+    }
+    answer = {"id": "answer", "role": "assistant", "parts": [part]}
+    return {**use_chat_body(question), "messages": [*use_chat_body(question)["messages"], answer]}
+
+
+@pytest.mark.parametrize("approved", [True, False])
+async def test_the_customers_answer_to_an_approval_comes_back_through_the_stream_and_the_answer_goes_on(
+    support_thread, api_key, user_id, approved
+):
+    question = "My card was stolen, block it"
+    stopped = assert_ai_sdk_stream(await post_ui_stream(support_thread.pk, api_key, user_id, use_chat_body(question)))
+    (call,) = of_type(stopped, "tool-input-available")
+    (request,) = of_type(stopped, "tool-approval-request")
+    reply = approval_reply(question, call, request.approval_id, approved)
+
+    chunks = assert_ai_sdk_stream(await post_ui_stream(support_thread.pk, api_key, user_id, reply))
+    await runs_finished()
+    twice = await post_ui_stream(support_thread.pk, api_key, user_id, reply)
+
+    _, answer = await messages_of(support_thread.pk)
+    card = await Card.objects.aget(customer__user_id=user_id, last4="4242")
+    (result,) = of_type(chunks, "tool-output-available")
+    (output,) = of_type(chunks, "data-output")
+    assert result.tool_call_id == call.tool_call_id  # the call the client holds, now with its result
+    assert answer.status == "complete" and output.data == answer.output
+    assert answer.output["block_card"] is approved and (card.blocked_at is not None) is approved
+    assert chunks[-2].finish_reason == "stop"
+    assert twice.status == 409 and twice.json()["error"]["code"] == "approval_decided"
 
 
 async def test_a_model_failing_mid_answer_ends_the_text_then_sends_the_contracts_error_and_finish(

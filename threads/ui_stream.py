@@ -7,11 +7,18 @@ models of both.
 """
 
 import json
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 from pydantic import ValidationError
-from pydantic_ai.ui.vercel_ai.request_types import SubmitMessage, TextUIPart
+from pydantic_ai.ui.vercel_ai.request_types import (
+    SubmitMessage,
+    TextUIPart,
+    ToolApprovalResponded,
+    ToolApprovalRespondedPart,
+)
 from pydantic_ai.ui.vercel_ai.response_types import (
     BaseChunk,
     DataChunk,
@@ -59,9 +66,22 @@ class InvalidUIRequest(NotAnObject):
     )
 
 
-def new_question(body: object) -> str:
-    """The text of the request's one new user message: the user messages after the last answer, which must be
-    one, of text parts only. Everything else the client sent (earlier messages, system prompts) is ignored."""
+@dataclass(frozen=True)
+class UIDecision:
+    """The customer's answer to an approval the stream asked for, as the AI SDK sends it back: the assistant
+    message's tool part in state `approval-responded`."""
+
+    approval_id: uuid.UUID
+    approved: bool
+    reason: str
+    tool_call_id: str
+    tool: str
+
+
+def new_turn(body: object) -> str | UIDecision:
+    """What the request asks: the text of its one new user message (the user messages after the last answer, which
+    must be one, of text parts only), or, when it ends with the answer instead, the decision that answer's tool part
+    carries. Everything else the client sent (earlier messages, system prompts) is ignored."""
     if not isinstance(body, dict):
         raise InvalidUIRequest()
     try:
@@ -69,6 +89,8 @@ def new_question(body: object) -> str:
     except ValidationError as exc:
         fields = sorted({".".join(map(str, error["loc"])) for error in exc.errors(include_url=False)})[:10]
         raise InvalidUIRequest(details={"fields": fields}) from exc
+    if request.messages and request.messages[-1].role == "assistant":
+        return _decision(request.messages[-1].parts)
     new = []
     for message in reversed(request.messages):
         if message.role == "assistant":
@@ -83,6 +105,34 @@ def new_question(body: object) -> str:
     return "\n".join(part.text for part in parts if isinstance(part, TextUIPart))
 
 
+def _decision(parts: list[object]) -> UIDecision:
+    responded = [
+        part
+        for part in parts
+        if isinstance(part, ToolApprovalRespondedPart) and isinstance(part.approval, ToolApprovalResponded)
+    ]
+    if len(responded) != 1:
+        raise InvalidUIRequest(
+            "A request ending with the assistant's message must carry one tool part answered "
+            "(state approval-responded).",
+            details={"approval_responses": len(responded)},
+        )
+    part = responded[0]
+    approval = part.approval
+    assert isinstance(approval, ToolApprovalResponded)
+    try:
+        approval_id = uuid.UUID(approval.id)
+    except ValueError as exc:
+        raise InvalidUIRequest("The approval's id is not one this service gave.") from exc
+    return UIDecision(
+        approval_id=approval_id,
+        approved=approval.approved,
+        reason=approval.reason or "",
+        tool_call_id=part.tool_call_id,
+        tool=part.type.removeprefix("tool-"),
+    )
+
+
 class ChunkTranslator:
     """One run's contract events as AI SDK chunks.
 
@@ -90,8 +140,12 @@ class ChunkTranslator:
     matched to the earliest call of the same tool still waiting for one, as the run reports them in order.
     """
 
-    def __init__(self, *, spoken_field: str | None, structured: bool) -> None:
+    def __init__(self, *, spoken_field: str | None, structured: bool, decided: UIDecision | None = None) -> None:
+        """`decided`: the stream goes on after that decision, whose call the client knows by its id already."""
         self.structured = structured
+        self.decided = decided
+        # Ids of calls after a decision must differ from those of the stream that stopped for it.
+        self.call_prefix = "" if decided is None else f"{decided.approval_id}-"
         self.spoken_field = spoken_field
         self.message_id = ""
         self.text_id: str | None = None
@@ -176,7 +230,10 @@ class ChunkTranslator:
 
     def _call(self, tool: str, args: JSON) -> ToolInputAvailableChunk:
         self.calls += 1
-        call_id = f"{self.message_id}-call-{self.calls}"
+        if self.decided is not None and self.decided.tool == tool:
+            call_id, self.decided = self.decided.tool_call_id, None
+        else:
+            call_id = f"{self.message_id}-{self.call_prefix}call-{self.calls}"
         self.waiting.setdefault(tool, deque()).append(call_id)
         return ToolInputAvailableChunk(tool_call_id=call_id, tool_name=tool, input=args if args is not None else {})
 
@@ -190,3 +247,8 @@ async def ui_message_stream(batches: AsyncIterator[list[Event]], translator: Chu
     async for batch in batches:
         if frames := [sse(chunk) for event in batch for chunk in translator.chunks(event)]:
             yield "".join(frames).encode()
+
+
+async def no_events() -> AsyncIterator[list[Event]]:
+    """A decision that leaves other approvals of the answer waiting: nothing goes on yet, and the stream ends."""
+    yield [{"event": "done"}]

@@ -18,6 +18,8 @@ from bankagent import context
 from bankagent.async_views import AsyncAPIView
 from bankagent.db import db
 from bankagent.exceptions import (
+    ApprovalDecided,
+    ApprovalExpired,
     InvalidCursor,
     InvalidLimit,
     InvalidResume,
@@ -51,7 +53,7 @@ from identity.tickets import ticket_issue
 from runs.eventlog import last_seq
 from runs.events import Backlog, Dialect, Event, encode
 from runs.lease import Turn
-from runs.pipeline import start_stream
+from runs.pipeline import start_decision, start_stream
 from runs.resume import follow, resume_point
 from runs.runner import decide_blocking, run_blocking
 from runs.services import runs_interrupt
@@ -70,7 +72,16 @@ from threads.serializers import (
     TicketRequestSerializer,
     TicketSerializer,
 )
-from threads.ui_stream import HEADERS, SPOKEN_FIELDS, ChunkTranslator, InvalidUIRequest, new_question, ui_message_stream
+from threads.ui_stream import (
+    HEADERS,
+    SPOKEN_FIELDS,
+    ChunkTranslator,
+    InvalidUIRequest,
+    UIDecision,
+    new_turn,
+    no_events,
+    ui_message_stream,
+)
 
 THREAD_PAGES = KeysetPaginator(fields=["updated_at", "id"], salt="threads")
 MESSAGE_PAGES = KeysetPaginator(fields=["seq"], salt="messages", default_limit=50)
@@ -374,25 +385,39 @@ class UIStreamView(AsyncAPIView):
                 "event), with `x-vercel-ai-ui-message-stream: v1`, ending with `data: [DONE]`; a failure after the "
                 "first chunk is an `error` chunk, then `finish`.",
             ),
-            **errors(*CALL_ERRORS, *BODY_ERRORS, *SESSION_WRITE_ERRORS, *RUN_START_ERRORS, InvalidUIRequest),
+            **errors(
+                *(*CALL_ERRORS, *BODY_ERRORS, *SESSION_WRITE_ERRORS, *RUN_START_ERRORS, InvalidUIRequest),
+                *(ApprovalDecided, ApprovalExpired),
+            ),
         },
         examples=UI_STREAM_EXAMPLES,
     )
     async def post(self, request: Request, pk: str) -> StreamingHttpResponse:
         thread_id = selectors.parse_thread_id(pk)
-        query = new_question(request.data)
-        data = validated(AgentQuerySerializer, {"thread_id": str(thread_id), "query": query})
+        turn = new_turn(request.data)
+        if not isinstance(turn, UIDecision):
+            turn = validated(AgentQuerySerializer, {"thread_id": str(thread_id), "query": turn})["query"]
         context.bind(user_id=request.user.user_id, thread_id=thread_id)
         thread = await db(selectors.thread_get_for_user)(thread_id=thread_id, user_id=request.user.user_id)
         spec = AGENTS[thread.agent_type]
-        listener = await start_stream(
-            user_id=request.user.user_id, thread_id=thread_id, query=data["query"], listen=True
+        if isinstance(turn, UIDecision):
+            listener = await start_decision(
+                user_id=request.user.user_id,
+                thread_id=thread_id,
+                approval_id=turn.approval_id,
+                approved=turn.approved,
+                note=turn.reason,
+                listen=True,
+            )
+        else:
+            listener = await start_stream(user_id=request.user.user_id, thread_id=thread_id, query=turn, listen=True)
+        translator = ChunkTranslator(
+            spoken_field=SPOKEN_FIELDS.get(spec.agent_type),
+            structured=spec.structured,
+            decided=turn if isinstance(turn, UIDecision) else None,
         )
-        assert listener is not None
-        translator = ChunkTranslator(spoken_field=SPOKEN_FIELDS.get(spec.agent_type), structured=spec.structured)
-        response = StreamingHttpResponse(
-            ui_message_stream(listener.batches(), translator), content_type="text/event-stream"
-        )
+        events = listener.batches() if listener is not None else no_events()
+        response = StreamingHttpResponse(ui_message_stream(events, translator), content_type="text/event-stream")
         for name, value in HEADERS.items():
             response[name] = value
         return response
