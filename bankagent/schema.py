@@ -380,6 +380,7 @@ def _thread_links() -> dict:
         "Query": ("agent_query", same_user, in_body),
         "Stream": ("agent_stream", same_user, in_body),
         "UIStream": ("thread_ui_stream", by_id, None),
+        "AGUI": ("thread_ag_ui", by_id, None),
         "IssueWebsocketTicket": ("ws_ticket_create", same_user, in_body),
     }
     return {
@@ -405,7 +406,7 @@ def complete_schema(result: dict, generator: object, request: object, public: bo
             operation["responses"] = dict(sorted(responses.items()))
             if operation["operationId"] == "threads_create":
                 responses["201"]["links"] = _thread_links()
-            if operation["operationId"] == "thread_ui_stream":
+            if operation["operationId"] in ("thread_ui_stream", "thread_ag_ui"):
                 operation["requestBody"]["required"] = True  # a raw schema's body is optional to drf-spectacular
     return result
 
@@ -603,3 +604,114 @@ UI_STREAM_EXAMPLES = [
     )
 ]
 COMPONENTS.update(UI_STREAM_SCHEMAS)
+
+# The AG-UI protocol: its RunAgentInput, of which the service takes only the new question, and its events (the
+# ag-ui-protocol package's models, ag_ui.core, say each one's fields). Every field the package's model reads is
+# listed, as loosely as the model reads it, so that what the schema allows the model allows too.
+_ANY = {"$ref": "#/components/schemas/JSONValue"}
+_NULLABLE_STRING = {"type": ["string", "null"]}
+_METADATA = {"type": ["object", "null"], "additionalProperties": _ANY}
+AG_UI_SCHEMAS = {
+    "RunAgentInput": {
+        "type": "object",
+        "description": "AG-UI's RunAgentInput. Only the new question is taken: the user messages after the last "
+        "assistant message must be exactly one, of text (a string, or `text` parts joined by line breaks, then "
+        "checked as a query's text is); else 400 `invalid_body`. The thread's saved history is what the model "
+        "sees: the client's `threadId`, `runId`, earlier messages, system messages, `tools`, `context`, `state`, "
+        "`forwardedProps` and `resume` are ignored (the thread is the URL's, the run id the answer's).",
+        "required": ["threadId", "runId", "messages"],
+        "properties": {
+            "threadId": {"type": "string"},
+            "runId": {"type": "string"},
+            "protocolVersion": _NULLABLE_STRING,
+            "parentRunId": _NULLABLE_STRING,
+            "state": _ANY,
+            "messages": {"type": "array", "items": {"$ref": "#/components/schemas/AGUIMessage"}},
+            "tools": {
+                "type": ["array", "null"],
+                "items": {
+                    "type": "object",
+                    "required": ["name", "description"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "description": {"type": "string"},
+                        "parameters": _ANY,
+                        "metadata": _METADATA,
+                    },
+                    "additionalProperties": _ANY,
+                },
+            },
+            "context": {
+                "type": ["array", "null"],
+                "items": {
+                    "type": "object",
+                    "required": ["description", "value"],
+                    "properties": {"description": {"type": "string"}, "value": {"type": "string"}},
+                    "additionalProperties": _ANY,
+                },
+            },
+            "forwardedProps": _ANY,
+            "resume": {
+                "type": ["array", "null"],
+                "items": {
+                    "type": "object",
+                    "required": ["interruptId", "status"],
+                    "properties": {
+                        "interruptId": {"type": "string"},
+                        "status": {"type": "string", "enum": ["resolved", "cancelled"]},
+                        "payload": _ANY,
+                        "metadata": _METADATA,
+                    },
+                    "additionalProperties": _ANY,
+                },
+            },
+        },
+    },
+    "AGUIMessage": {
+        "type": "object",
+        "description": "A message of AG-UI (`developer`, `system`, `assistant`, `user`, `tool`, `activity`, "
+        "`reasoning`), with its role's fields: one of another shape answers 400 `invalid_body`. The new user "
+        "message's `content` is a string, or `text` parts only.",
+        "required": ["id", "role"],
+        "properties": {
+            "id": {"type": "string"},
+            "role": {
+                "type": "string",
+                "enum": ["developer", "system", "assistant", "user", "tool", "activity", "reasoning"],
+            },
+        },
+        "additionalProperties": _ANY,
+    },
+    "AGUIStreamEvent": {
+        "type": "object",
+        "description": "One event of the stream.",
+        "required": ["data"],
+        "properties": {"data": {"type": "string", "description": "An AGUIEvent as JSON."}},
+    },
+    "AGUIEvent": {
+        "type": "object",
+        "description": "One AG-UI event: `RUN_STARTED` (`threadId`: the thread's id, `runId`: the answer's id), "
+        "`TEXT_MESSAGE_START`, `TEXT_MESSAGE_CONTENT`, `TEXT_MESSAGE_END` (the answer's first text message has the "
+        "answer's id), `TOOL_CALL_START`, `TOOL_CALL_ARGS`, `TOOL_CALL_END`, `TOOL_CALL_RESULT` (`content`: the "
+        "tool's return value as JSON text), `CUSTOM` named `output` (a structured answer's whole output), "
+        "`RUN_ERROR` (`code`: the contract's code) or `RUN_FINISHED` (`outcome`: `success`, `cancelled`, or "
+        "`interrupt` with one interrupt per approval the answer waits for: `id` the approval to decide, `reason` "
+        "`tool_approval`, `toolCallId`, `expiresAt`, `metadata.approval` the contract's approval).",
+        "required": ["type"],
+        "properties": {"type": {"type": "string"}},
+    },
+}
+AG_UI_REQUEST_REF = {"$ref": "#/components/schemas/RunAgentInput"}
+AG_UI_EVENT_REF = {"$ref": "#/components/schemas/AGUIStreamEvent"}
+AG_UI_EXAMPLES = [
+    OpenApiExample(
+        "Balance",
+        {
+            "threadId": _THREAD["id"],
+            "runId": "run-1",
+            "messages": [{"id": "m-1", "role": "user", "content": _QUERY["query"]}],
+        },
+        request_only=True,
+    )
+]
+COMPONENTS.update(AG_UI_SCHEMAS)

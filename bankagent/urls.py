@@ -11,6 +11,7 @@ from threads.views import (
     AgentQueryView,
     AgentStreamView,
     AgentViewSet,
+    AGUIView,
     ApprovalDecisionView,
     RunEventsView,
     ThreadViewSet,
@@ -28,6 +29,7 @@ api_v1 = [
     path("threads/<str:pk>/runs/<str:message_id>/events", RunEventsView.as_view(), name="run-events"),
     path("threads/<str:pk>/approvals/<str:approval_id>", ApprovalDecisionView.as_view(), name="approval-decide"),
     path("threads/<str:pk>/ui-stream", UIStreamView.as_view(), name="ui-stream"),
+    path("threads/<str:pk>/ag-ui", AGUIView.as_view(), name="ag-ui"),
     # Tickets stand in for an API key in a browser; the chat page's own socket uses its session instead.
     path(
         "ws-tickets",

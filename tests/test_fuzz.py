@@ -21,6 +21,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.config import ApiKeyAuthConfig
 
+from tests.agui_events import events_of
 from tests.ai_sdk import chunks_of
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -53,6 +54,8 @@ def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> sche
         # Its one new question is the last user message, of text parts: no schema can say "the last".
         question = {"id": "question", "role": "user", "parts": [{"type": "text", "text": "What is my balance?"}]}
         case.body["messages"] = [question]
+    if case.operation.path.endswith("/ag-ui") and isinstance(case.body, dict):
+        case.body["messages"] = [{"id": "question", "role": "user", "content": "What is my balance?"}]
     return case
 
 
@@ -141,11 +144,13 @@ def ndjson_events(context: schemathesis.DeserializationContext, response: schema
 
 
 @schemathesis.deserializer("text/event-stream")
-def ui_message_chunks(context: schemathesis.DeserializationContext, response: schemathesis.Response) -> object:
-    """The AI SDK UI message stream, each chunk read with pydantic-ai's models of the AI SDK's chunks, in order;
-    a stream schemathesis cut short is read as far as it goes. Its events, for the schema's own check of each."""
+def server_sent_events(context: schemathesis.DeserializationContext, response: schemathesis.Response) -> object:
+    """The AI SDK UI message stream, each chunk read with pydantic-ai's models of the AI SDK's chunks, or the AG-UI
+    stream, each event read with the ag-ui-protocol package's models, in order; a stream schemathesis cut short is
+    read as far as it goes. Its events, for the schema's own check of each."""
     body = response.content
-    chunks_of(body, whole=not response.stream_cut_short)
+    read = events_of if context.operation.path.endswith("/ag-ui") else chunks_of
+    read(body, whole=not response.stream_cut_short)
     return [{"data": event.removeprefix("data: ")} for event in body.decode().split("\n\n")[:-1]]
 
 

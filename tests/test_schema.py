@@ -24,6 +24,7 @@ OPERATIONS = {
     "run_events": ("get", "/api/v1/threads/{id}/runs/{message_id}/events"),
     "approval_decide": ("post", "/api/v1/threads/{id}/approvals/{approval_id}"),
     "thread_ui_stream": ("post", "/api/v1/threads/{id}/ui-stream"),
+    "thread_ag_ui": ("post", "/api/v1/threads/{id}/ag-ui"),
     "ws_ticket_create": ("post", "/api/v1/ws-tickets"),
     "usage_retrieve": ("get", "/api/v1/usage"),
     "health": ("get", "/api/v1/health"),
@@ -63,6 +64,7 @@ EXPECTED_ERRORS = {
     ],
     "agent_stream": [CALL, BODY, CSRF, RUN_START],
     "thread_ui_stream": [CALL, BODY, CSRF, RUN_START, {"409": {"approval_decided"}, "410": {"approval_expired"}}],
+    "thread_ag_ui": [CALL, BODY, CSRF, RUN_START],
     "approval_decide": [
         CALL,
         BODY,
@@ -179,6 +181,7 @@ def test_request_bodies_are_json_only(schema, operations):
     assert with_body == {
         *("threads_create", "threads_update", "agent_query", "agent_stream", "ws_ticket_create", "approval_decide"),
         "thread_ui_stream",
+        "thread_ag_ui",
     }
     for name in with_body:
         assert list(operations[name]["requestBody"]["content"]) == ["application/json"]
@@ -348,6 +351,22 @@ def test_the_ui_stream_is_server_sent_events_of_ai_sdk_chunks_for_a_use_chat_req
     assert not check.is_valid({"id": "chat", "messages": [], "trigger": "submit-message"})
 
 
+def test_the_ag_ui_endpoint_is_server_sent_events_of_ag_ui_events_for_a_run_agent_input(schema, operations):
+    operation = operations["thread_ag_ui"]
+    content = operation["responses"]["200"]["content"]
+    body = operation["requestBody"]
+    example = body["content"]["application/json"]["examples"]["Balance"]["value"]
+
+    assert list(content) == ["text/event-stream"]
+    assert component(schema, content["text/event-stream"]["schema"])["required"] == ["data"]
+    assert schema["components"]["schemas"]["AGUIEvent"]["required"] == ["type"]
+    assert body["required"] is True
+    check = validator(schema, "#/components/schemas/RunAgentInput")
+    check.validate(example)
+    assert not check.is_valid({"threadId": "t", "runId": "r", "messages": [{"id": "m", "role": "robot"}]})
+    assert not check.is_valid({"threadId": "t", "messages": []})
+
+
 # Examples and links
 
 
@@ -376,6 +395,7 @@ def test_a_created_thread_links_to_every_operation_on_it(operations):
         "agent_query",
         "agent_stream",
         "thread_ui_stream",
+        "thread_ag_ui",
         "ws_ticket_create",
     }
     for link in links.values():

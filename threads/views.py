@@ -2,6 +2,7 @@
 
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.http import StreamingHttpResponse
@@ -13,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import Serializer
 
-from agents.registry import AGENTS, agent_types
+from agents.registry import AGENTS, AgentSpec, agent_types
 from bankagent import context
 from bankagent.async_views import AsyncAPIView
 from bankagent.db import db
@@ -32,6 +33,9 @@ from bankagent.exceptions import (
 from bankagent.jsontypes import JSONObject
 from bankagent.pagination import MAX_LIMIT, KeysetPaginator
 from bankagent.schema import (
+    AG_UI_EVENT_REF,
+    AG_UI_EXAMPLES,
+    AG_UI_REQUEST_REF,
     AGENT_QUERY_EXAMPLES,
     AGENT_STREAM_EXAMPLES,
     BODY_ERRORS,
@@ -57,7 +61,8 @@ from runs.pipeline import start_decision, start_stream
 from runs.resume import follow, resume_point
 from runs.runner import decide_blocking, run_blocking
 from runs.services import runs_interrupt
-from threads import selectors, services
+from threads import ag_ui, selectors, services
+from threads.ag_ui import InvalidAGUIRequest
 from threads.models import Message, Thread
 from threads.serializers import (
     AgentQuerySerializer,
@@ -393,34 +398,84 @@ class UIStreamView(AsyncAPIView):
         examples=UI_STREAM_EXAMPLES,
     )
     async def post(self, request: Request, pk: str) -> StreamingHttpResponse:
-        thread_id = selectors.parse_thread_id(pk)
-        turn = new_turn(request.data)
-        if not isinstance(turn, UIDecision):
-            turn = validated(AgentQuerySerializer, {"thread_id": str(thread_id), "query": turn})["query"]
-        context.bind(user_id=request.user.user_id, thread_id=thread_id)
-        thread = await db(selectors.thread_get_for_user)(thread_id=thread_id, user_id=request.user.user_id)
-        spec = AGENTS[thread.agent_type]
-        if isinstance(turn, UIDecision):
-            listener = await start_decision(
-                user_id=request.user.user_id,
-                thread_id=thread_id,
-                approval_id=turn.approval_id,
-                approved=turn.approved,
-                note=turn.reason,
-                listen=True,
-            )
-        else:
-            listener = await start_stream(user_id=request.user.user_id, thread_id=thread_id, query=turn, listen=True)
-        translator = ChunkTranslator(
-            spoken_field=SPOKEN_FIELDS.get(spec.agent_type),
-            structured=spec.structured,
-            decided=turn if isinstance(turn, UIDecision) else None,
+        run = await start_thread_stream(request, pk, new_turn)
+        spoken_field = SPOKEN_FIELDS.get(run.spec.agent_type)
+        translator = ChunkTranslator(spoken_field=spoken_field, structured=run.spec.structured, decided=run.decided)
+        return event_stream_response(ui_message_stream(run.batches, translator), HEADERS)
+
+
+class AGUIView(AsyncAPIView):
+    """A streamed query in the AG-UI protocol (`RunAgentInput` in, AG-UI events out), on the thread's own history."""
+
+    throttle_classes = RUN_THROTTLES
+
+    @extend_schema(
+        operation_id="thread_ag_ui",
+        parameters=[THREAD_ID],
+        request={"application/json": AG_UI_REQUEST_REF},
+        responses={
+            (200, "text/event-stream"): OpenApiResponse(
+                AG_UI_EVENT_REF,
+                description="Server-Sent Events, `data: <AG-UI event JSON>` each (`schema` describes one event), "
+                "from `RUN_STARTED` to `RUN_FINISHED` (its `outcome` an `interrupt` when the answer waits for "
+                "approval); a failure after the first event is `RUN_ERROR`, the last one.",
+            ),
+            **errors(*CALL_ERRORS, *BODY_ERRORS, *SESSION_WRITE_ERRORS, *RUN_START_ERRORS, InvalidAGUIRequest),
+        },
+        examples=AG_UI_EXAMPLES,
+    )
+    async def post(self, request: Request, pk: str) -> StreamingHttpResponse:
+        run = await start_thread_stream(request, pk, ag_ui.new_question)
+        translator = ag_ui.EventTranslator(
+            thread_id=str(run.thread_id),
+            spoken_field=SPOKEN_FIELDS.get(run.spec.agent_type),
+            structured=run.spec.structured,
         )
-        events = listener.batches() if listener is not None else no_events()
-        response = StreamingHttpResponse(ui_message_stream(events, translator), content_type="text/event-stream")
-        for name, value in HEADERS.items():
-            response[name] = value
-        return response
+        return event_stream_response(ag_ui.ag_ui_stream(run.batches, translator), ag_ui.HEADERS)
+
+
+@dataclass(frozen=True)
+class ThreadStream:
+    thread_id: uuid.UUID
+    spec: AgentSpec
+    batches: AsyncIterator[list[Event]]
+    decided: UIDecision | None = None
+    """The decision on an approval the request carried, whose answer goes on in this stream."""
+
+
+async def start_thread_stream(
+    request: Request, pk: str, read_turn: Callable[[object], str | UIDecision]
+) -> ThreadStream:
+    """A run on the thread of the URL for a protocol's request, of which `read_turn` takes the new question (or a
+    decision on an approval): every refusal is raised here, before the response starts."""
+    thread_id = selectors.parse_thread_id(pk)
+    turn = read_turn(request.data)
+    if not isinstance(turn, UIDecision):
+        turn = validated(AgentQuerySerializer, {"thread_id": str(thread_id), "query": turn})["query"]
+    context.bind(user_id=request.user.user_id, thread_id=thread_id)
+    thread = await db(selectors.thread_get_for_user)(thread_id=thread_id, user_id=request.user.user_id)
+    spec = AGENTS[thread.agent_type]
+    if not isinstance(turn, UIDecision):
+        listener = await start_stream(user_id=request.user.user_id, thread_id=thread_id, query=turn, listen=True)
+        assert listener is not None
+        return ThreadStream(thread_id=thread_id, spec=spec, batches=listener.batches())
+    listener = await start_decision(
+        user_id=request.user.user_id,
+        thread_id=thread_id,
+        approval_id=turn.approval_id,
+        approved=turn.approved,
+        note=turn.reason,
+        listen=True,
+    )
+    batches = listener.batches() if listener is not None else no_events()
+    return ThreadStream(thread_id=thread_id, spec=spec, batches=batches, decided=turn)
+
+
+def event_stream_response(events: AsyncIterator[bytes], headers: dict[str, str]) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(events, content_type="text/event-stream")
+    for name, value in headers.items():
+        response[name] = value
+    return response
 
 
 class RunEventsView(AsyncAPIView):
