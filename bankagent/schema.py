@@ -617,8 +617,9 @@ AG_UI_SCHEMAS = {
         "description": "AG-UI's RunAgentInput. Only the new question is taken: the user messages after the last "
         "assistant message must be exactly one, of text (a string, or `text` parts joined by line breaks, then "
         "checked as a query's text is); else 400 `invalid_body`. The thread's saved history is what the model "
-        "sees: the client's `threadId`, `runId`, earlier messages, system messages, `tools`, `context`, `state`, "
-        "`forwardedProps` and `resume` are ignored (the thread is the URL's, the run id the answer's).",
+        "sees: the client's `threadId`, `runId`, earlier messages, system messages, `tools`, `context`, `state` and "
+        "`forwardedProps` are ignored (the thread is the URL's, the run id the answer's). With `resume`, the input "
+        "is a decision on an approval instead.",
         "required": ["threadId", "runId", "messages"],
         "properties": {
             "threadId": {"type": "string"},
@@ -653,15 +654,34 @@ AG_UI_SCHEMAS = {
             "forwardedProps": _ANY,
             "resume": {
                 "type": ["array", "null"],
+                "description": "The customer's decision on the approval an answer's interrupt asked for: one entry, "
+                "`resolved` with `{approved, note?}`, or `cancelled` (denied). Present and not empty, the input is "
+                "that decision, and its messages are ignored.",
+                "maxItems": 1,
                 "items": {
                     "type": "object",
                     "required": ["interruptId", "status"],
                     "properties": {
-                        "interruptId": {"type": "string"},
+                        "interruptId": {"type": "string", "format": "uuid", "description": "The approval's id."},
                         "status": {"type": "string", "enum": ["resolved", "cancelled"]},
                         "payload": _ANY,
                         "metadata": _METADATA,
                     },
+                    "oneOf": [
+                        {
+                            "properties": {
+                                "status": {"const": "resolved"},
+                                "payload": {
+                                    "type": "object",
+                                    "required": ["approved"],
+                                    "properties": {"approved": {"type": "boolean"}, "note": {"type": "string"}},
+                                    "additionalProperties": _ANY,
+                                },
+                            },
+                            "required": ["payload"],
+                        },
+                        {"properties": {"status": {"const": "cancelled"}}},
+                    ],
                     "additionalProperties": _ANY,
                 },
             },

@@ -14,6 +14,7 @@ from pydantic_ai.exceptions import ModelHTTPError
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
+from bank.models import Card
 from bankagent.asgi import application
 from identity.models import APIKey
 from runs import runner
@@ -262,6 +263,54 @@ async def test_a_call_waiting_for_approval_ends_the_run_with_an_interrupt_naming
 
     assert again.status == 409 and again.json()["error"]["code"] == "approval_pending"
     assert len(await messages_of(support_thread.pk)) == 2
+
+
+@pytest.mark.parametrize(
+    ("resume", "approved"),
+    [
+        ({"status": "resolved", "payload": {"approved": True}}, True),
+        ({"status": "resolved", "payload": {"approved": False, "note": "I found it"}}, False),
+        ({"status": "cancelled"}, False),
+    ],
+)
+async def test_resuming_the_interrupt_decides_the_approval_and_the_answer_goes_on_in_the_same_protocol(
+    support_thread, api_key, user_id, resume, approved
+):
+    question = "My card was stolen, block it"
+    stopped = assert_ag_ui_stream(await post_ag_ui(support_thread.pk, api_key, user_id, run_input(question)))
+    (interrupt,) = stopped[-1].outcome.interrupts
+    resumed = run_input(question, resume=[{"interruptId": interrupt.id, **resume}])
+
+    events = assert_ag_ui_stream(await post_ag_ui(support_thread.pk, api_key, user_id, resumed))
+    await runs_finished()
+    twice = await post_ag_ui(support_thread.pk, api_key, user_id, resumed)
+
+    _, answer = await messages_of(support_thread.pk)
+    card = await Card.objects.aget(customer__user_id=user_id, last4="4242")
+    (output,) = [event for event in of_type(events, EventType.CUSTOM) if event.name == "output"]
+    assert answer.status == "complete" and output.value == answer.output
+    assert answer.output["block_card"] is approved and (card.blocked_at is not None) is approved
+    assert of_type(events, EventType.TOOL_CALL_RESULT)
+    assert events[-1].type == EventType.RUN_FINISHED and events[-1].outcome.type == "success"
+    assert twice.status == 409 and twice.json()["error"]["code"] == "approval_decided"
+
+
+@pytest.mark.parametrize(
+    "resume",
+    [
+        [{"interruptId": "not-a-uuid", "status": "resolved", "payload": {"approved": True}}],
+        [{"interruptId": "6f1c2a52-1c8e-4c1e-9d7b-2b9a8f1f0a11", "status": "resolved", "payload": {"approved": 1}}],
+        [{"interruptId": "6f1c2a52-1c8e-4c1e-9d7b-2b9a8f1f0a11", "status": "resolved"}],
+        [
+            {"interruptId": "6f1c2a52-1c8e-4c1e-9d7b-2b9a8f1f0a11", "status": "cancelled"},
+            {"interruptId": "7f1c2a52-1c8e-4c1e-9d7b-2b9a8f1f0a11", "status": "cancelled"},
+        ],
+    ],
+)
+async def test_a_resume_that_is_not_one_decision_is_400_invalid_body(chat_thread, api_key, user_id, resume):
+    response = await post_ag_ui(chat_thread.pk, api_key, user_id, run_input("Hi", resume=resume))
+
+    await assert_refused(response, 400, "invalid_body", chat_thread)
 
 
 async def test_a_model_failing_mid_answer_ends_the_text_then_the_run_with_the_contracts_error(

@@ -56,6 +56,8 @@ def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> sche
         case.body["messages"] = [question]
     if case.operation.path.endswith("/ag-ui") and isinstance(case.body, dict):
         case.body["messages"] = [{"id": "question", "role": "user", "content": "What is my balance?"}]
+        # An interrupt to resume is one the server issued (an approval), as a cursor is: none is generated.
+        case.body.pop("resume", None)
     return case
 
 

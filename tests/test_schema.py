@@ -64,7 +64,7 @@ EXPECTED_ERRORS = {
     ],
     "agent_stream": [CALL, BODY, CSRF, RUN_START],
     "thread_ui_stream": [CALL, BODY, CSRF, RUN_START, {"409": {"approval_decided"}, "410": {"approval_expired"}}],
-    "thread_ag_ui": [CALL, BODY, CSRF, RUN_START],
+    "thread_ag_ui": [CALL, BODY, CSRF, RUN_START, {"409": {"approval_decided"}, "410": {"approval_expired"}}],
     "approval_decide": [
         CALL,
         BODY,

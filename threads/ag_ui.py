@@ -7,6 +7,7 @@ ids are read from the run's events as for the AI SDK's stream (`threads.ui_strea
 """
 
 import json
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 
@@ -14,6 +15,7 @@ from ag_ui.core import (
     BaseEvent,
     CustomEvent,
     Interrupt,
+    ResumeEntry,
     RunAgentInput,
     RunErrorEvent,
     RunFinishedCancelledOutcome,
@@ -38,7 +40,7 @@ from pydantic import ValidationError
 from bankagent.exceptions import NotAnObject
 from bankagent.jsontypes import JSON
 from runs.events import Event
-from threads.ui_stream import ChunkTranslator
+from threads.ui_stream import ChunkTranslator, UIDecision
 
 PROTOCOL_VERSION = "1.0"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -52,10 +54,11 @@ class InvalidAGUIRequest(NotAnObject):
     default_detail = "The body must be AG-UI's RunAgentInput ending with exactly one new user message of text content."
 
 
-def new_question(body: object) -> str:
+def new_turn(body: object) -> str | UIDecision:
     """The text of the request's one new user message: the user messages after the last assistant message, which
-    must be one, of text only. Everything else the client sent (its history, system messages, tools, context,
-    state) is ignored: the thread's saved history is what the model sees."""
+    must be one, of text only; or, when the input resumes the interrupt an answer waiting for approval ended with,
+    the customer's decision. Everything else the client sent (its history, system messages, tools, context, state)
+    is ignored: the thread's saved history is what the model sees."""
     if not isinstance(body, dict):
         raise InvalidAGUIRequest()
     try:
@@ -63,6 +66,8 @@ def new_question(body: object) -> str:
     except ValidationError as exc:
         fields = sorted({".".join(map(str, error["loc"])) for error in exc.errors(include_url=False)})[:10]
         raise InvalidAGUIRequest(details={"fields": fields}) from exc
+    if request.resume:
+        return _decision(request.resume)
     new: list[UserMessage] = []
     for message in reversed(request.messages):
         if message.role == "assistant":
@@ -79,6 +84,23 @@ def new_question(body: object) -> str:
     return "\n".join(part.text for part in content if isinstance(part, TextPart))
 
 
+def _decision(resume: list[ResumeEntry]) -> UIDecision:
+    """`resolved` with `{"approved": true|false, "note"?}` as its payload decides; `cancelled` denies."""
+    if len(resume) != 1:
+        raise InvalidAGUIRequest("Resume one interrupt at a time.", details={"resume": len(resume)})
+    (entry,) = resume
+    payload = entry.payload if entry.status == "resolved" else {"approved": False}
+    approved = payload.get("approved") if isinstance(payload, dict) else None
+    note = payload.get("note", "") if isinstance(payload, dict) else ""
+    if not isinstance(approved, bool) or not isinstance(note, str):
+        raise InvalidAGUIRequest('A resolved interrupt\'s payload is {"approved": true|false, "note"?: "…"}.')
+    try:
+        approval_id = uuid.UUID(entry.interrupt_id)
+    except ValueError as exc:
+        raise InvalidAGUIRequest("The interrupt's id is not one this service gave.") from exc
+    return UIDecision(approval_id=approval_id, approved=approved, reason=note, tool_call_id="", tool="")
+
+
 class EventTranslator(ChunkTranslator):
     """One run's contract events as AG-UI events.
 
@@ -87,8 +109,10 @@ class EventTranslator(ChunkTranslator):
     message has the answer's id, so that it is the message the thread's history then holds.
     """
 
-    def __init__(self, *, thread_id: str, spoken_field: str | None, structured: bool) -> None:
-        super().__init__(spoken_field=spoken_field, structured=structured)
+    def __init__(
+        self, *, thread_id: str, spoken_field: str | None, structured: bool, decided: UIDecision | None = None
+    ) -> None:
+        super().__init__(spoken_field=spoken_field, structured=structured, decided=decided)
         self.thread_id = thread_id
         self.interrupts: list[Interrupt] = []
         self.results = 0

@@ -420,16 +420,20 @@ class AGUIView(AsyncAPIView):
                 "from `RUN_STARTED` to `RUN_FINISHED` (its `outcome` an `interrupt` when the answer waits for "
                 "approval); a failure after the first event is `RUN_ERROR`, the last one.",
             ),
-            **errors(*CALL_ERRORS, *BODY_ERRORS, *SESSION_WRITE_ERRORS, *RUN_START_ERRORS, InvalidAGUIRequest),
+            **errors(
+                *(*CALL_ERRORS, *BODY_ERRORS, *SESSION_WRITE_ERRORS, *RUN_START_ERRORS, InvalidAGUIRequest),
+                *(ApprovalDecided, ApprovalExpired),
+            ),
         },
         examples=AG_UI_EXAMPLES,
     )
     async def post(self, request: Request, pk: str) -> StreamingHttpResponse:
-        run = await start_thread_stream(request, pk, ag_ui.new_question)
+        run = await start_thread_stream(request, pk, ag_ui.new_turn)
         translator = ag_ui.EventTranslator(
             thread_id=str(run.thread_id),
             spoken_field=SPOKEN_FIELDS.get(run.spec.agent_type),
             structured=run.spec.structured,
+            decided=run.decided,
         )
         return event_stream_response(ag_ui.ag_ui_stream(run.batches, translator), ag_ui.HEADERS)
 
