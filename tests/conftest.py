@@ -307,3 +307,49 @@ async def runs_end_with_the_test(settings, transactional_db):
     async with asyncio.timeout(20):
         while runs.runner._RUNS:
             await asyncio.sleep(0.01)
+
+
+# --- threads and run tasks of the tests that run the application in their own event loop ---------------------------
+
+
+@pytest.fixture
+def support_thread(demo_customer, user_id) -> Thread:
+    return Thread.objects.create(user_id=user_id, agent_type="bank_support")
+
+
+@pytest.fixture
+def chat_thread(transactional_db, user_id) -> Thread:
+    return Thread.objects.create(user_id=user_id, agent_type="general_chat")
+
+
+class RunTasks(set):
+    """`runs.runner._RUNS`, remembering every run task it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[asyncio.Task] = []
+
+    def add(self, task: asyncio.Task) -> None:
+        self.started.append(task)
+        super().add(task)
+
+
+@pytest.fixture
+async def checked_runs(settings, transactional_db, monkeypatch):
+    """A channel layer of this test's own event loop; no run may outlive the test and write during the flush, and
+    none may end in an error (every failure is the readers' `error` event, not the run task's exception). A run
+    renews its lease and checkpoints its answer only in the tests about that (which set their own): elsewhere a
+    renewal would be one more writer at a moment no test chose."""
+    settings.CHANNEL_LAYERS = copy.deepcopy(settings.CHANNEL_LAYERS)  # Channels drops its cached layers
+    settings.RUN_LEASE_SECONDS = settings.RUN_CHECKPOINT_SECONDS = 3600
+    tasks = RunTasks()
+    monkeypatch.setattr(runs.runner, "_RUNS", tasks)
+    yield tasks
+    # A run saves its answer, sends its last events and gives back its slot inside its task.
+    if going := [run for run in tasks.started if not run.done()]:
+        _, pending = await asyncio.wait(going, timeout=20)
+        for run in pending:
+            run.cancel()
+        assert not pending, "a run was still going when its test ended"
+    failed = [run.exception() for run in tasks.started if not run.cancelled() and run.exception() is not None]
+    assert not failed, f"a run task ended in an error: {failed!r}"

@@ -1,7 +1,6 @@
 """POST /api/v1/threads/{id}/ag-ui through the real ASGI application: the AG-UI protocol, every event read with the
 ag-ui-protocol package's own models of its events, on a run the service saves as it saves a query's."""
 
-import copy
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -17,14 +16,13 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from bank.models import Card
 from bankagent.asgi import application
 from identity.models import APIKey
-from runs import runner
 from tests.agui_events import events_of
 from tests.conftest import begin_run
-from tests.test_streaming_http import TIMEOUT, RunTasks, StreamResponse, read_to_end, runs_finished
+from tests.test_streaming_http import TIMEOUT, StreamResponse, read_to_end, runs_finished
 from tests.test_ui_stream import auth, messages_of, prompts, rest_query
 from threads.models import Message, Thread
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("checked_runs")]
 
 
 # --- reading the events -----------------------------------------------------------------------------------------------
@@ -61,29 +59,6 @@ def text_of(events: list[BaseEvent]) -> str:
 def api_key(transactional_db) -> str:
     _, key = APIKey.objects.create_key(name="ag-ui tests")
     return key
-
-
-@pytest.fixture
-def chat_thread(transactional_db, user_id) -> Thread:
-    return Thread.objects.create(user_id=user_id, agent_type="general_chat")
-
-
-@pytest.fixture
-def support_thread(demo_customer, user_id) -> Thread:
-    return Thread.objects.create(user_id=user_id, agent_type="bank_support")
-
-
-@pytest.fixture(autouse=True)
-async def _no_run_left_behind(settings, transactional_db, monkeypatch):
-    """No run may outlive its test (and write during the flush), nor end in an error of its task."""
-    settings.CHANNEL_LAYERS = copy.deepcopy(settings.CHANNEL_LAYERS)
-    settings.RUN_LEASE_SECONDS = settings.RUN_CHECKPOINT_SECONDS = 3600
-    runs = RunTasks()
-    monkeypatch.setattr(runner, "_RUNS", runs)
-    yield
-    await runs_finished()
-    failed = [run.exception() for run in runs.started if not run.cancelled() and run.exception() is not None]
-    assert not failed, f"a run task ended in an error: {failed!r}"
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from identity.models import APIKey
 from identity.tickets import ticket_issue
 from runs import runner
 from runs.hub import hub
+from tests import conftest
 from tests.asgi import http_call
 from tests.live import LiveServer, request
 from threads.models import Message, Thread
@@ -43,17 +44,7 @@ MARKER = "zebra-quokka-7f3a"
 QUERY = f"What is my balance? {MARKER}"
 
 
-class RunTasks(set):
-    """`runs.runner._RUNS`, remembering every run task it was given."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.started: list[asyncio.Task] = []
-
-    def add(self, task: asyncio.Task) -> None:
-        self.started.append(task)
-        super().add(task)
-
+class RunTasks(conftest.RunTasks):
     async def finished(self) -> None:
         done, pending = await asyncio.wait(self.started, timeout=TIMEOUT)
         assert self.started and not pending, "a run did not end"

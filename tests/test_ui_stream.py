@@ -3,7 +3,6 @@ chunk read with pydantic-ai's own models of the AI SDK's chunks, on a run the se
 """
 
 import asyncio
-import copy
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -20,13 +19,11 @@ from rest_framework.test import APIClient
 from bank.models import Card
 from bankagent.asgi import application
 from identity.models import APIKey
-from runs import runner
 from tests.ai_sdk import chunks_of
 from tests.conftest import begin_run
 from tests.test_streaming_http import (
     TIMEOUT,
     HeldModel,
-    RunTasks,
     StreamResponse,
     read_chunk,
     read_to_end,
@@ -34,7 +31,7 @@ from tests.test_streaming_http import (
 )
 from threads.models import Message, Thread
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("checked_runs")]
 
 
 # --- reading the chunks ---------------------------------------------------------------------------------------------
@@ -70,29 +67,6 @@ def text_of(chunks: list[BaseChunk]) -> str:
 def api_key(transactional_db) -> str:
     _, key = APIKey.objects.create_key(name="ui stream tests")
     return key
-
-
-@pytest.fixture
-def chat_thread(transactional_db, user_id) -> Thread:
-    return Thread.objects.create(user_id=user_id, agent_type="general_chat")
-
-
-@pytest.fixture
-def support_thread(demo_customer, user_id) -> Thread:
-    return Thread.objects.create(user_id=user_id, agent_type="bank_support")
-
-
-@pytest.fixture(autouse=True)
-async def _no_run_left_behind(settings, transactional_db, monkeypatch):
-    """No run may outlive its test (and write during the flush), nor end in an error of its task."""
-    settings.CHANNEL_LAYERS = copy.deepcopy(settings.CHANNEL_LAYERS)
-    settings.RUN_LEASE_SECONDS = settings.RUN_CHECKPOINT_SECONDS = 3600
-    runs = RunTasks()
-    monkeypatch.setattr(runner, "_RUNS", runs)
-    yield
-    await runs_finished()
-    failed = [run.exception() for run in runs.started if not run.cancelled() and run.exception() is not None]
-    assert not failed, f"a run task ended in an error: {failed!r}"
 
 
 @pytest.fixture
